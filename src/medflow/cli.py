@@ -1,0 +1,83 @@
+"""`medflow <command>`: one subcommand per workflow stage; each rule's shell is one call.
+
+Commands are imported lazily so that `medflow synth` does not pay for importing torch.
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+from .errors import InputError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("medflow.synth", "write the synthetic demo cohort (WSI pyramids + ASAP XML, HSI mosaics)"),
+    "extract-wsi": ("medflow.wsi", "extract labelled patches of one slide into an HDF5 shard"),
+    "extract-hsi": ("medflow.hsi", "calibrate/demosaic/correct/normalise one HSI image and extract patches"),
+    "index": ("medflow.shards", "build the cohort index from extraction records"),
+    "plan-folds": ("medflow.splits", "patient-level nested cross-validation fold plan"),
+    "train": ("medflow.train", "train one (outer, inner) fold, data-parallel (Horovod or DDP)"),
+    "select": ("medflow.select", "pick the best inner model of an outer fold and test it"),
+    "predict-hsi": ("medflow.hsi_predict", "classify every pixel of HSI cubes into maps"),
+    "summarize": ("medflow.summary", "gather all job records of a site into summary.json"),
+    "report": ("medflow.report", "per-site timing and accuracy report (Markdown, HTML, JSON, CSV)"),
+    "bench": ("medflow.bench", "node-throughput benchmark and reference check"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="medflow",
+        description="HPC batch workflow for medical-imaging deep learning.",
+        epilog=f"commands:\n{lines}\n\n`medflow <command> --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"medflow {__version__}")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0].startswith("-"):
+        top.parse_args(argv or ["--help"])
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        top.error(f"unknown command {command!r}")
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"medflow {command}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    _maybe_fail_once(command)
+    try:
+        return int(module.run(args) or 0)
+    except InputError as exc:
+        print(f"medflow {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _maybe_fail_once(command: str) -> None:
+    """Fault injection for retry tests: MEDFLOW_FAIL_ONCE=<command>:<marker> fails once, then works."""
+    spec = os.environ.get("MEDFLOW_FAIL_ONCE", "")
+    target, _, marker = spec.partition(":")
+    if target == command and marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        print(f"medflow {command}: failing once on purpose (MEDFLOW_FAIL_ONCE, marker {marker})", file=sys.stderr)
+        sys.exit(1)
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

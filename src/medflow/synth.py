@@ -1,0 +1,297 @@
+"""The synthetic demo cohort: real file formats, deterministic from the config seed.
+
+WSI: pyramidal tiled TIFFs (each level a top-level IFD, so OpenSlide reads them as `generic-tiff`
+with every level and with mpp from the resolution tags) of H&E-like tissue on a white background;
+tumour regions are drawn from polygons with denser, larger, darker nuclei, and the same polygons
+are written as CAMELYON-style ASAP XML in level-0 pixels.
+
+HSI: raw 2-D snapshot mosaics of a 5×5-pattern camera (25 bands, 665–975 nm) with white and dark
+reference frames, and a ground-truth map of the brain study's five classes (healthy, tumour,
+venous blood, arterial blood, dura mater) whose spectra differ, healthy vs tumour only slightly.
+
+`plan(cfg)` lists the files before anything is written, so the workflow DAG can be built from it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import config as config_mod, fsio
+from .cohort import ImageEntry, write_manifest
+
+HSI_CLASSES = ("healthy", "tumour", "venous", "arterial", "dura")
+HSI_WAVELENGTHS = np.linspace(665.0, 975.0, 25)
+
+
+def rng_for(seed: int, *keys: str) -> np.random.Generator:
+    """Independent, reproducible stream per (seed, key...) — order of generation does not matter."""
+    digest = hashlib.sha256("/".join((str(seed), *keys)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+# ---- plan ---------------------------------------------------------------------------------------
+def plan(cfg: dict) -> dict[str, list[ImageEntry]]:
+    """The demo cohort's manifest rows, computed from the config alone."""
+    out = Path(cfg["synth"]["out"])
+    seed = cfg["seed"]
+    wsi_cfg, hsi_cfg = cfg["synth"]["wsi"], cfg["synth"]["hsi"]
+    wsi = []
+    for p in range(wsi_cfg["patients"]):
+        patient = f"wsi_p{p:02d}"
+        n_slides = int(rng_for(seed, "slides", patient).integers(1, wsi_cfg["max_slides_per_patient"] + 1))
+        for s in range(n_slides):
+            image_id = f"{patient}_s{s}"
+            wsi.append(ImageEntry(image_id=image_id, patient_id=patient,
+                                  image=str(out / "wsi" / f"{image_id}.tiff"),
+                                  annotation=str(out / "wsi" / f"{image_id}.xml")))
+    hsi = []
+    for p in range(hsi_cfg["patients"]):
+        patient = f"hsi_p{p:02d}"
+        image_id = f"{patient}_i0"
+        folder = out / "hsi" / image_id
+        hsi.append(ImageEntry(image_id=image_id, patient_id=patient, image=str(folder / "raw.npy"),
+                              annotation=str(folder / "gt.png"), white=str(folder / "white.npy"),
+                              dark=str(folder / "dark.npy")))
+    return {"wsi": wsi, "hsi": hsi}
+
+
+def planned_files(cfg: dict) -> list[str]:
+    """Every file `medflow synth` writes (the rule's outputs)."""
+    entries = plan(cfg)
+    out = Path(cfg["synth"]["out"])
+    files = [str(out / kind / "manifest.csv") for kind in ("wsi", "hsi")]
+    for kind in ("wsi", "hsi"):
+        for e in entries[kind]:
+            files.extend(e.files())
+    return files
+
+
+# ---- WSI writers (also used by tests and benchmarks) --------------------------------------------
+def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float, tile: int = 256,
+                       compression: str = "deflate", min_size: int = 256) -> int:
+    """Write ``rgb`` (H,W,3 uint8) as a tiled pyramidal TIFF that OpenSlide opens with all levels.
+
+    Levels are 2× box-filtered reductions, each a top-level IFD (SubIFDs would be ignored by
+    OpenSlide). Returns the number of levels. ``compression``: deflate (lossless), jpeg (needs
+    imagecodecs) or none.
+    """
+    import tifffile
+
+    codec = {"deflate": "zlib", "zlib": "zlib", "jpeg": "jpeg", "none": None}[compression]
+    # Level-1 deflate: noisy tissue barely compresses better at higher levels and costs 10× the time.
+    codec_args = {"level": 1} if codec == "zlib" else None
+    levels = [np.ascontiguousarray(rgb, dtype=np.uint8)]
+    while min(levels[-1].shape[:2]) // 2 >= min_size:
+        prev = levels[-1]
+        h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
+        quads = prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).astype(np.uint16)
+        levels.append(((quads.sum(axis=(1, 3)) + 2) // 4).astype(np.uint8))
+    with fsio.atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tif:
+            for i, level in enumerate(levels):
+                px_per_cm = 10_000.0 / (mpp * 2**i)
+                tif.write(level, tile=(tile, tile), compression=codec, compressionargs=codec_args, photometric="rgb",
+                          subfiletype=1 if i else 0, resolution=(px_per_cm, px_per_cm),
+                          resolutionunit="CENTIMETER", metadata=None)
+    return len(levels)
+
+
+def write_asap_xml(path: str | Path, groups: dict[str, list[np.ndarray]]) -> None:
+    """ASAP/CAMELYON annotation XML: one Polygon annotation per (K,2) array of level-0 (x, y)."""
+    colours = ["#F4FA58", "#64FE2E", "#FA5858", "#5882FA"]
+    lines = ['<?xml version="1.0"?>', "<ASAP_Annotations>", "\t<Annotations>"]
+    n = 0
+    for g, (group, polygons) in enumerate(groups.items()):
+        for poly in polygons:
+            lines.append(f'\t\t<Annotation Name="Annotation {n}" Type="Polygon" PartOfGroup={quoteattr(group)} '
+                         f'Color="{colours[g % len(colours)]}">')
+            lines.append("\t\t\t<Coordinates>")
+            for order, (x, y) in enumerate(np.asarray(poly, dtype=float)):
+                lines.append(f'\t\t\t\t<Coordinate Order="{order}" X="{x:.1f}" Y="{y:.1f}" />')
+            lines.append("\t\t\t</Coordinates>")
+            lines.append("\t\t</Annotation>")
+            n += 1
+    lines += ["\t</Annotations>", "\t<AnnotationGroups>"]
+    for group in groups:
+        lines += [f'\t\t<Group Name={quoteattr(group)} PartOfGroup="None" Color="#ff0000">',
+                  "\t\t\t<Attributes />", "\t\t</Group>"]
+    lines += ["\t</AnnotationGroups>", "</ASAP_Annotations>", ""]
+    fsio.write_text(path, "\n".join(lines))
+
+
+# ---- WSI content ----------------------------------------------------------------------------------
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cell: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid upsampled bilinearly."""
+    gh, gw = max(2, shape[0] // cell + 2), max(2, shape[1] // cell + 2)
+    coarse = Image.fromarray((rng.random((gh, gw)) * 255).astype(np.uint8))
+    return np.asarray(coarse.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32) / 255.0
+
+
+def _nuclei(rng: np.random.Generator, shape: tuple[int, int], density: float, radius: float) -> np.ndarray:
+    """Soft nucleus mask in [0,1]: random centres blurred to blobs of ~radius px."""
+    from scipy.ndimage import gaussian_filter
+
+    points = np.zeros(shape, np.float32)
+    n = int(density * shape[0] * shape[1])
+    points[rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)] = 1.0
+    blobs = gaussian_filter(points, sigma=radius, truncate=2.5) * (2 * np.pi * radius**2)
+    return np.clip((blobs - 0.35) * 3.0, 0.0, 1.0)
+
+
+def _star_polygon(rng: np.random.Generator, centre: tuple[float, float], radius: float, k: int = 14) -> np.ndarray:
+    angles = np.sort(rng.uniform(0, 2 * np.pi, k))
+    radii = radius * rng.uniform(0.6, 1.0, k)
+    return np.stack([centre[0] + radii * np.cos(angles), centre[1] + radii * np.sin(angles)], axis=1)
+
+
+def _polygon_mask(shape: tuple[int, int], polygons: list[np.ndarray]) -> np.ndarray:
+    img = Image.new("L", (shape[1], shape[0]), 0)
+    draw = ImageDraw.Draw(img)
+    for poly in polygons:
+        draw.polygon([tuple(p) for p in poly], fill=1)
+    return np.asarray(img, dtype=bool)
+
+
+def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """An H&E-like RGB image and its tumour polygons (level-0 x, y)."""
+    shape = (height, width)
+    um = 1.0 / mpp                                   # pixels per µm
+    tissue = _smooth_field(rng, shape, cell=int(400 * um)) * 0.6 + _smooth_field(rng, shape, cell=int(120 * um)) * 0.4
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    ellipse = ((xx - width / 2) / (0.42 * width)) ** 2 + ((yy - height / 2) / (0.40 * height)) ** 2
+    tissue_mask = (tissue - 0.45 * ellipse) > 0.12
+    # Tumour: 1–2 irregular polygons placed where there is tissue.
+    polygons: list[np.ndarray] = []
+    candidates = np.argwhere(tissue_mask[:: int(50 * um), :: int(50 * um)]) * int(50 * um)
+    for _ in range(int(rng.integers(1, 3))):
+        cy, cx = candidates[rng.integers(len(candidates))]
+        polygons.append(_star_polygon(rng, (float(cx), float(cy)), radius=float(rng.uniform(180, 320) * um)))
+    tumour = _polygon_mask(shape, polygons)
+
+    fibre = _smooth_field(rng, shape, cell=int(12 * um))
+    stroma = np.stack([236 - 25 * fibre, 150 - 40 * fibre, 196 - 25 * fibre], axis=-1)
+    normal_nuc = _nuclei(rng, shape, density=0.0025 / um**2, radius=2.2 * um)
+    tumour_nuc = _nuclei(rng, shape, density=0.0060 / um**2, radius=3.2 * um)
+    nuclei = np.where(tumour, tumour_nuc, normal_nuc)[..., None]
+    nucleus_colour = np.where(tumour[..., None], np.array([72, 38, 118], np.float32), np.array([118, 72, 160], np.float32))
+    tissue_rgb = stroma * (1 - nuclei) + nucleus_colour * nuclei
+    tissue_rgb = np.where(tumour[..., None], tissue_rgb * np.array([0.93, 0.88, 0.97], np.float32), tissue_rgb)
+    background = np.full((*shape, 3), 242.0, np.float32)
+    rgb = np.where(tissue_mask[..., None], tissue_rgb, background)
+    rgb += rng.normal(0.0, 3.0, rgb.shape).astype(np.float32)
+    # Only the part of each polygon that lies on tissue is tumour in the pixels; keep polygons as drawn
+    # (pathologists' outlines also cross small background gaps) — the extractor intersects with tissue.
+    return np.clip(rgb, 0, 255).astype(np.uint8), polygons
+
+
+# ---- HSI content --------------------------------------------------------------------------------
+def hsi_signatures() -> np.ndarray:
+    """(5, 25) reflectance spectra of the five classes over 665–975 nm."""
+    w = (HSI_WAVELENGTHS - 665.0) / 310.0            # 0..1
+    bump = lambda c, s: np.exp(-0.5 * ((HSI_WAVELENGTHS - c) / s) ** 2)  # noqa: E731
+    healthy = 0.55 + 0.15 * w - 0.05 * bump(760, 25)
+    tumour = 0.57 + 0.11 * w - 0.03 * bump(760, 25) + 0.025 * bump(900, 40)   # deliberately close to healthy
+    venous = 0.25 + 0.35 * w - 0.12 * bump(760, 15)   # deoxy-haemoglobin dip at 760 nm
+    arterial = 0.32 + 0.38 * w - 0.02 * bump(760, 15)  # oxy-haemoglobin: flatter red edge
+    dura = 0.72 + 0.05 * w - 0.04 * bump(970, 30)      # bright, water band near 970 nm
+    return np.stack([healthy, tumour, venous, arterial, dura]).astype(np.float32)
+
+
+def make_hsi(rng: np.random.Generator, mosaic_h: int, mosaic_w: int, size: int = 5
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw mosaic, white and dark frames (uint16 counts) and the ground-truth map (uint8, 0 = unlabelled)."""
+    h, w = mosaic_h // size, mosaic_w // size
+    # Class regions: Voronoi cells of random centres, every class present at least once.
+    n_centres = 10
+    classes = np.concatenate([np.arange(5), rng.integers(0, 5, n_centres - 5)])
+    centres = np.stack([rng.uniform(0, h, n_centres), rng.uniform(0, w, n_centres)], axis=1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    d2 = (yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2
+    nearest = d2.argmin(axis=-1)
+    truth = classes[nearest]
+    # Sparse labelling, as surgeons' ground truth: only the core of each region is labelled.
+    core = np.sqrt(d2.min(axis=-1)) < 0.22 * min(h, w)
+    gt = np.where(core, truth + 1, 0).astype(np.uint8)
+
+    signatures = hsi_signatures()
+    reflectance = signatures[truth] * (1 + 0.04 * rng.standard_normal((h, w, 1)))    # within-class variation
+    reflectance += 0.02 * rng.standard_normal(reflectance.shape)
+    illumination = 0.6 + 0.4 * _smooth_field(rng, (h, w), cell=max(4, h // 3))[..., None]  # removed by RMS norm
+    reflectance = np.clip(reflectance * illumination, 0.01, 1.2).astype(np.float32)
+
+    band_pos = np.arange(size * size)               # band b sits at mosaic offset (b // size, b % size)
+    def to_mosaic(cube: np.ndarray) -> np.ndarray:
+        return cube[..., band_pos].reshape(h, w, size, size).transpose(0, 2, 1, 3).reshape(h * size, w * size)
+
+    dark = 90.0 + 6.0 * rng.random((mosaic_h, mosaic_w))
+    gain = (2600.0 + 500.0 * rng.random((1, 1, size * size))) * (0.85 + 0.15 * _smooth_field(rng, (h, w), 8)[..., None])
+    white = dark + to_mosaic(np.broadcast_to(gain, (h, w, size * size)).astype(np.float32))
+    raw = dark + to_mosaic(reflectance * gain) + rng.normal(0, 4.0, (mosaic_h, mosaic_w))
+    as_counts = lambda a: np.clip(np.round(a), 0, 4095).astype(np.uint16)  # noqa: E731  (12-bit sensor)
+    return as_counts(raw), as_counts(white), as_counts(dark), gt
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def _write_npy(path: str | Path, array: np.ndarray) -> None:
+    with fsio.atomic_path(path) as tmp:
+        np.save(tmp, array, allow_pickle=False)
+
+
+def _write_png(path: str | Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    fsio.write_bytes(path, buf.getvalue())
+
+
+def write_cohort(cfg: dict, only: str | None = None) -> dict[str, float]:
+    """Write the whole demo cohort. Existing identical files are simply rewritten (deterministic)."""
+    seed, out = cfg["seed"], Path(cfg["synth"]["out"])
+    entries = plan(cfg)
+    timings = {}
+    if only in (None, "wsi"):
+        t0 = time.perf_counter()
+        wc = cfg["synth"]["wsi"]
+        for e in entries["wsi"]:
+            rgb, polygons = make_slide(rng_for(seed, "wsi", e.image_id), wc["width"], wc["height"], wc["mpp"])
+            write_pyramid_tiff(e.image, rgb, wc["mpp"])
+            write_asap_xml(e.annotation, {"metastases": polygons})
+        write_manifest(out / "wsi" / "manifest.csv", entries["wsi"])
+        timings["wsi_s"] = time.perf_counter() - t0
+    if only in (None, "hsi"):
+        t0 = time.perf_counter()
+        hc = cfg["synth"]["hsi"]
+        for e in entries["hsi"]:
+            raw, white, dark, gt = make_hsi(rng_for(seed, "hsi", e.image_id), hc["mosaic_height"], hc["mosaic_width"])
+            _write_npy(e.image, raw)
+            _write_npy(e.white, white)
+            _write_npy(e.dark, dark)
+            _write_png(e.annotation, gt)
+        write_manifest(out / "hsi" / "manifest.csv", entries["hsi"])
+        timings["hsi_s"] = time.perf_counter() - t0
+    fsio.write_json(out / "synth.json", {"seed": seed, "config_hash": config_mod.section_hash(cfg, "synth"),
+                                         "classes": {"wsi": ["normal", "tumour"], "hsi": list(HSI_CLASSES)},
+                                         "wavelengths_nm": HSI_WAVELENGTHS.tolist(), "timings_s": timings})
+    return timings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--only", choices=["wsi", "hsi"], help="write only one modality")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    timings = write_cohort(cfg, args.only)
+    counts = {k: len(v) for k, v in plan(cfg).items()}
+    print(f"synth: wrote {counts} images to {cfg['synth']['out']} in "
+          + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    print(json.dumps({k: [e.image_id for e in v] for k, v in plan(cfg).items()}))
+    return 0

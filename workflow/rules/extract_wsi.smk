@@ -1,0 +1,27 @@
+# One job per WSI image: patches into one HDF5 shard + an extraction record (docs/architecture.md).
+# With wsi.on_error=skip a bad image yields a "failed" record and no shard, so only the record is declared.
+_WSI_COHORTS = cohorts_of("wsi")
+
+if _WSI_COHORTS:
+
+    rule extract_wsi:
+        input:
+            lambda wc: cohort_entry(wc.cohort, wc.image_id).files(),
+        output:
+            record=f"{RES}/shards/{{cohort}}/{{image_id}}.record.json",
+        wildcard_constraints:
+            cohort="|".join(_WSI_COHORTS),
+        params:
+            shard=lambda wc: f"{RES}/shards/{wc.cohort}/{wc.image_id}.h5",
+            config_hash=section_hash("wsi", "shards", "cohorts"),
+        log:
+            f"{RES}/logs/extract_wsi/{{cohort}}/{{image_id}}.log",
+        container: CONTAINER
+        threads: config["wsi"]["workers"]
+        resources:
+            cpus_per_task=config["wsi"]["workers"],
+            mem_mb=4000,
+            runtime=120,
+        shell:
+            "medflow extract-wsi --config {CONFIG_FILE} --cohort {wildcards.cohort} --image-id {wildcards.image_id}"
+            " --out {params.shard} --record {output.record} > {log} 2>&1"

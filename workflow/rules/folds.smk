@@ -1,0 +1,26 @@
+# Patient-level nested cross-validation plan of a study (grouped by patient, stratified/balanced).
+
+
+def study_index(wc) -> str:
+    return f"{RES}/index/{STUDIES[wc.study]['cohort']}.json"
+
+
+rule plan_folds:
+    input:
+        study_index,
+    output:
+        f"{RES}/folds/{{study}}.json",
+    wildcard_constraints:
+        study="|".join(STUDIES),
+    params:
+        config_hash=section_hash("folds", "seed"),
+    log:
+        f"{RES}/logs/plan_folds/{{study}}.log",
+    container: CONTAINER
+    resources:
+        cpus_per_task=1,
+        mem_mb=2000,
+        runtime=20,
+    shell:
+        "medflow plan-folds --config {CONFIG_FILE} --study {wildcards.study} --index {input}"
+        " --out {output} > {log} 2>&1"

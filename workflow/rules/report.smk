@@ -1,0 +1,51 @@
+# Gather every job record of this site, then the report (this site + any extra sites in report.sites).
+
+
+def all_run_records(wc=None) -> list[str]:
+    files = []
+    for study in STUDIES:
+        for outer in outer_folds(study):
+            files.append(f"{RES}/runs/{study}/outer{outer}/record.json")
+            files += [f"{RES}/runs/{study}/outer{outer}/inner{inner}/record.json" for inner in inner_folds()]
+            if study in _HSI_STUDIES:
+                files.append(f"{RES}/runs/{study}/outer{outer}/maps/record.json")
+    files += [f"{RES}/index/{cohort}.json" for cohort in COHORTS]
+    files += [f"{RES}/folds/{study}.json" for study in STUDIES]
+    return files
+
+
+rule summarize:
+    input:
+        all_run_records,
+    output:
+        f"{RES}/summary.json",
+    log:
+        f"{RES}/logs/summarize.log",
+    container: CONTAINER
+    resources:
+        cpus_per_task=1,
+        mem_mb=2000,
+        runtime=20,
+    shell:
+        "medflow summarize --config {CONFIG_FILE} --site-dir {RES} --out {output} > {log} 2>&1"
+
+
+rule report:
+    input:
+        summary=f"{RES}/summary.json",
+    output:
+        html=report(f"{RES}/report/report.html", caption="../report/report.rst", category="Report"),
+        md=f"{RES}/report/report.md",
+        json=f"{RES}/report/report.json",
+    params:
+        out_dir=f"{RES}/report",
+        sites=" ".join(config["report"]["sites"]),
+    log:
+        f"{RES}/logs/report.log",
+    container: CONTAINER
+    resources:
+        cpus_per_task=1,
+        mem_mb=4000,
+        runtime=20,
+    shell:
+        "medflow report --config {CONFIG_FILE} --out-dir {params.out_dir} {RES} {params.sites} > {log} 2>&1"

@@ -1,0 +1,36 @@
+# One data-parallel training job per (study, outer, inner) fold: N ranks under mpiexec (local) or srun (SLURM).
+# checkpoint.pt is deliberately not an output: Snakemake deletes outputs before a rerun, and a requeued or
+# rerun job must find its checkpoint to resume.
+_LAUNCH = config["launch"]
+_GPU = {"gpu": _LAUNCH["gpus_per_node"]} if _LAUNCH["gpus_per_node"] > 0 else {}
+
+
+rule train:
+    input:
+        index=study_index,
+        folds=f"{RES}/folds/{{study}}.json",
+    output:
+        record=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/record.json",
+        model=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/model.pt",
+        curves=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/curves.csv",
+    wildcard_constraints:
+        study="|".join(STUDIES),
+    params:
+        out_dir=lambda wc: f"{RES}/runs/{wc.study}/outer{wc.outer}/inner{wc.inner}",
+        config_hash=lambda wc: section_hash(f"studies.{wc.study}", "launch", "folds"),
+    log:
+        f"{RES}/logs/train/{{study}}/outer{{outer}}_inner{{inner}}.log",
+    container: CONTAINER
+    threads: _LAUNCH["ranks"] * _LAUNCH["threads_per_rank"]
+    resources:
+        tasks=_LAUNCH["ranks"],
+        nodes=_LAUNCH["nodes"],
+        cpus_per_task=_LAUNCH["threads_per_rank"],
+        mem_mb_per_cpu=3000,
+        runtime=240,
+        mpi=mpi_launcher(),
+        **_GPU,
+    shell:
+        "{resources.mpi} -n {resources.tasks} medflow train --config {CONFIG_FILE} --study {wildcards.study}"
+        " --index {input.index} --folds {input.folds} --outer {wildcards.outer} --inner {wildcards.inner}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
