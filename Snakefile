@@ -2,12 +2,15 @@
 #   snakemake -c2                      (local, the embedded demo config)
 #   snakemake --profile slurm          (SLURM; see docs/slurm.md)
 #   snakemake --profile slurm benchmark   (node-throughput benchmark of a site)
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The embedded default; --configfile/--config values are merged on top of it.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 # Rejects unknown keys and wrong types before any job runs, naming the key.

@@ -37,6 +37,7 @@ if [ -n "${MEDFLOW_VENV_CACHE:-}" ]; then
     echo "[install] reusing cached venv $target"
     ln -sfn "$target" "$venv"
     "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
+    touch "$target/.medflow-complete"
     exit 0
   fi
   rm -rf "$target"; mkdir -p "$MEDFLOW_VENV_CACHE"

@@ -241,8 +241,8 @@ def make_hsi(rng: np.random.Generator, mosaic_h: int, mosaic_w: int, size: int =
 
 # ---- writing ------------------------------------------------------------------------------------
 def _write_npy(path: str | Path, array: np.ndarray) -> None:
-    with fsio.atomic_path(path) as tmp:
-        np.save(tmp, array, allow_pickle=False)
+    with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a path would get ".npy" appended
+        np.save(fh, array, allow_pickle=False)
 
 
 def _write_png(path: str | Path, array: np.ndarray) -> None:
