@@ -26,9 +26,10 @@ from PIL import Image, ImageDraw
 
 from . import config as config_mod, fsio
 from .cohort import ImageEntry, write_manifest
+from .hsi import CAMERA_WAVELENGTHS_NM
 
 HSI_CLASSES = ("healthy", "tumour", "venous", "arterial", "dura")
-HSI_WAVELENGTHS = np.linspace(665.0, 975.0, 25)
+HSI_WAVELENGTHS = CAMERA_WAVELENGTHS_NM
 
 
 def rng_for(seed: int, *keys: str) -> np.random.Generator:
@@ -173,7 +174,8 @@ def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) ->
     candidates = np.argwhere(tissue_mask[:: int(50 * um), :: int(50 * um)]) * int(50 * um)
     for _ in range(int(rng.integers(1, 3))):
         cy, cx = candidates[rng.integers(len(candidates))]
-        polygons.append(_star_polygon(rng, (float(cx), float(cy)), radius=float(rng.uniform(180, 320) * um)))
+        poly = _star_polygon(rng, (float(cx), float(cy)), radius=float(rng.uniform(180, 320) * um))
+        polygons.append(np.clip(poly, 0, [width - 1, height - 1]))   # outlines stay on the slide
     tumour = _polygon_mask(shape, polygons)
 
     fibre = _smooth_field(rng, shape, cell=int(12 * um))
