@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from . import __version__
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"medflow {command}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    _exit_on_sigterm()
     _maybe_fail_once(command)
     try:
         return int(module.run(args) or 0)
@@ -63,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _exit_on_sigterm() -> None:
+    """scancel/timeouts send SIGTERM first: exit through Python so `finally` blocks (fsio.atomic_path,
+    ShardWriter) remove their temporary files instead of leaving them behind."""
+    def terminate(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def _maybe_fail_once(command: str) -> None:
