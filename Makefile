@@ -19,7 +19,7 @@ $(VENV)/.medflow-complete: $(SPEC)
 	bash containers/install.sh $(VENV)
 
 demo: setup
-	$(SNAKEMAKE) --cores $(CORES)
+	$(SNAKEMAKE) --profile workflow/profiles/local --cores $(CORES)
 	@$(PY) -c "import medflow.provenance as p, medflow.config as c; \
 	  cfg = c.load('config.yaml'); print('report:', f\"{cfg['results']}/{p.site_name(cfg)}/report/report.html\")"
 
@@ -30,7 +30,7 @@ test-quick: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(SNAKEMAKE) --cores $(CORES) benchmark
+	$(SNAKEMAKE) --profile workflow/profiles/local --cores $(CORES) benchmark
 
 benchmarks: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -9,8 +9,11 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-# The embedded default; --configfile/--config values are merged on top of it.
-configfile: os.path.join(workflow.basedir, "config.yaml")
+# The embedded default (the demo study). A --configfile replaces it as a whole, so a site's config never
+# inherits the demo cohorts and studies; --config KEY=VALUE overrides single keys on top of either.
+if not workflow.overwrite_configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 # Rejects unknown keys and wrong types before any job runs, naming the key.

@@ -37,6 +37,19 @@ def default_cfg(tmp_path: Path) -> dict:
     return config_mod.validate(cfg)
 
 
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in recursively (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def default_config_with(overrides: dict) -> dict:
+    """The embedded default config.yaml with ``overrides`` merged in (a complete --configfile)."""
+    return deep_merge(yaml.safe_load((ROOT / "config.yaml").read_text()), overrides)
+
+
 def write_config(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

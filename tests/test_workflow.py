@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, VENV_BIN
+from conftest import ROOT, VENV_BIN, default_config_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 SMALL = {
     "seed": 11,
     "site": {"name": "laptop"},
-    "synth": {"wsi": {"patients": 4, "max_slides_per_patient": 2, "width": 1536, "height": 1024},
+    "synth": {"wsi": {"patients": 4, "max_slides_per_patient": 2, "width": 2048, "height": 1536},
               "hsi": {"patients": 4, "mosaic_height": 200, "mosaic_width": 250}},
     "wsi": {"sampling": {"mode": "random", "per_class": 12}},
     "hsi": {"per_class": 40},
@@ -39,7 +39,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf")
-    (work / "test.yaml").write_text(yaml.safe_dump(SMALL))
+    (work / "test.yaml").write_text(yaml.safe_dump(default_config_with(SMALL)))
     t0 = time.perf_counter()
     proc = snakemake(work)
     elapsed = time.perf_counter() - t0

@@ -1,8 +1,15 @@
 # One data-parallel training job per (study, outer, inner) fold: N ranks under mpiexec (local) or srun (SLURM).
 # checkpoint.pt is deliberately not an output: Snakemake deletes outputs before a rerun, and a requeued or
 # rerun job must find its checkpoint to resume.
+# One rank runs without a launcher (the SLURM plugin rejects MPI jobs of one task). srun no longer passes the
+# job's --cpus-per-task on to its steps, hence SRUN_CPUS_PER_TASK (mpiexec ignores it).
 _LAUNCH = config["launch"]
-_GPU = {"gpu": _LAUNCH["gpus_per_node"]} if _LAUNCH["gpus_per_node"] > 0 else {}
+_GPU = {"gpu": _LAUNCH["nodes"] * _LAUNCH["gpus_per_node"]} if _LAUNCH["gpus_per_node"] > 0 else {}
+if _LAUNCH["ranks"] > 1:
+    _MPI = {"mpi": mpi_launcher()}
+    _LAUNCHER = "SRUN_CPUS_PER_TASK={resources.cpus_per_task} {resources.mpi} -n {resources.tasks} "
+else:
+    _MPI, _LAUNCHER = {}, ""
 
 
 rule train:
@@ -28,9 +35,9 @@ rule train:
         cpus_per_task=_LAUNCH["threads_per_rank"],
         mem_mb_per_cpu=3000,
         runtime=240,
-        mpi=mpi_launcher(),
+        **_MPI,
         **_GPU,
     shell:
-        "{resources.mpi} -n {resources.tasks} medflow train --config {CONFIG_FILE} --study {wildcards.study}"
+        _LAUNCHER + "medflow train --config {CONFIG_FILE} --study {wildcards.study}"
         " --index {input.index} --folds {input.folds} --outer {wildcards.outer} --inner {wildcards.inner}"
         " --out-dir {params.out_dir} > {log} 2>&1"
