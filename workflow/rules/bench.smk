@@ -4,7 +4,7 @@ _BENCH_RANKS = config["bench"]["max_ranks"]
 
 rule bench:
     output:
-        f"{RES}/bench/bench.json",
+        report(f"{RES}/bench/bench.json", caption="../report/bench.rst", category="Benchmark"),
     log:
         f"{RES}/logs/bench.log",
     container: CONTAINER
@@ -18,6 +18,24 @@ rule bench:
         "medflow bench --config {CONFIG_FILE} --out {output} > {log} 2>&1"
 
 
+# The reference check is its own job: a failing check must not delete the measurements.
+rule bench_check:
+    input:
+        f"{RES}/bench/bench.json",
+    output:
+        f"{RES}/bench/check.txt",
+    log:
+        f"{RES}/logs/bench_check.log",
+    container: CONTAINER
+    resources:
+        cpus_per_task=1,
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "medflow bench --config {CONFIG_FILE} --check --from-results {input} > {output} 2> {log}"
+
+
 rule benchmark:
     input:
         rules.bench.output,
+        **({"check": rules.bench_check.output} if SITE in config["bench"]["references"] else {}),

@@ -18,7 +18,7 @@ rule summarize:
     input:
         all_run_records,
     output:
-        f"{RES}/summary.json",
+        report(f"{RES}/summary.json", caption="../report/summary.rst", category="Records"),
     log:
         f"{RES}/logs/summarize.log",
     container: CONTAINER
@@ -37,6 +37,10 @@ rule report:
         html=report(f"{RES}/report/report.html", caption="../report/report.rst", category="Report"),
         md=f"{RES}/report/report.md",
         json=f"{RES}/report/report.json",
+        **{name: report(f"{RES}/report/{name}.csv", caption=f"../report/{name}.rst", category="Tables")
+           for name in ("preprocessing", "training", "nested_cv", "stages", "energy")},
+        figures=report(directory(f"{RES}/report/figures"), patterns=["{name}.png"],
+                       caption="../report/figures.rst", category="Figures"),
     params:
         out_dir=f"{RES}/report",
         sites=" ".join(config["report"]["sites"]),
