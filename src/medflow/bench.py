@@ -511,12 +511,7 @@ def run(args: argparse.Namespace) -> int:
     site = provenance.site_name(cfg)
     references = site_references(cfg, site, args.config) if args.check else {}
     if args.from_results:
-        try:
-            result = fsio.read_json(args.from_results)
-        except (OSError, ValueError) as exc:
-            raise InputError(args.from_results, f"unreadable bench results ({exc})") from None
-        if not isinstance(result, dict) or result.get("format") != BENCH_FORMAT:
-            raise InputError(args.from_results, "not a medflow bench results file")
+        result = fsio.read_json_document(args.from_results, "bench results file", BENCH_FORMAT)
     else:
         out = _out_path(args.out)
         result = run_bench(cfg, Path(args.config).resolve(), _groups(args, cfg), args.quick)

@@ -672,7 +672,6 @@ class EpochLoader:
                 yield x, y
 
     def _worker_batches(self) -> Iterator[tuple[Any, Any]]:
-        import torch
         from torch.utils.data import DataLoader
 
         loader = DataLoader(_BatchDataset(self), batch_size=None, shuffle=False,

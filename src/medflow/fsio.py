@@ -77,6 +77,36 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
+def read_json_document(path: str | Path, what: str, fmt: str | None = None) -> dict:
+    """A JSON object from ``path``; InputError naming the file when it is unreadable, not an object,
+    or (with ``fmt``) not of that medflow format."""
+    from .errors import InputError
+
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"unreadable {what} ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InputError(path, f"{what} is not a JSON object")
+    if fmt is not None and doc.get("format") != fmt:
+        raise InputError(path, f"not a medflow {what} (format {doc.get('format')!r}, expected {fmt!r})")
+    return doc
+
+
+def write_npy(path: str | Path, array: Any) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a file object: np.save appends ".npy" to names
+        np.save(fh, array, allow_pickle=False)
+
+
+def write_npz(path: str | Path, compressed: bool = False, **arrays: Any) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a file object: np.savez appends ".npz" to names
+        (np.savez_compressed if compressed else np.savez)(fh, **arrays)
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -253,7 +253,7 @@ def run_chain(entry: ImageEntry, cfg: dict) -> ChainResult:
     """Load one image (+ references, + ground truth) and apply the configured chain."""
     hcfg = cfg["hsi"]
     check_config(hcfg)
-    steps, mcfg = hcfg["chain"], hcfg["mosaic"]
+    steps = hcfg["chain"]
     t0 = time.perf_counter()
     image = hsi_io.read_image(entry.image)
     matrix_path = hcfg["correction_matrix"]

@@ -84,8 +84,7 @@ def predict_cube(model: Any, cube: np.ndarray, k: int, border: str, batch: int,
 
 # ---- outputs ---------------------------------------------------------------------------------------------
 def write_npz(path: Path, labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> None:
-    with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a file object: np.savez would append .npz
-        np.savez_compressed(fh, labels=labels, probabilities=probs, class_names=np.array(class_names))
+    fsio.write_npz(path, compressed=True, labels=labels, probabilities=probs, class_names=np.array(class_names))
 
 
 def write_png(path: Path, image_id: str, labels: np.ndarray, class_names: list[str],

@@ -30,10 +30,7 @@ def read_candidates(inner_dirs: list[str], study: str, outer: int, metric: str) 
     out = []
     for directory in inner_dirs:
         path = Path(directory) / "record.json"
-        try:
-            rec = fsio.read_json(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"no readable training record ({exc})") from None
+        rec = fsio.read_json_document(path, "training record")
         if rec.get("job") != "train" or rec.get("status") != "ok":
             raise InputError(path, f"not a finished training job (job {rec.get('job')!r}, status {rec.get('status')!r})")
         if rec.get("study") != study or rec.get("outer") != outer:
@@ -62,9 +59,7 @@ def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_predictions(path: Path, y_true: np.ndarray, y_prob: np.ndarray, coords: np.ndarray,
                       image_ids: np.ndarray) -> None:
-    with fsio.atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
-            np.savez(fh, y_true=y_true, y_prob=y_prob, coords=coords, image_ids=image_ids.astype(str))
+    fsio.write_npz(path, y_true=y_true, y_prob=y_prob, coords=coords, image_ids=image_ids.astype(str))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

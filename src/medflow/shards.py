@@ -176,12 +176,7 @@ def build_index(records: Iterable[str | Path], out: str | Path, cohort: str, kin
 def load_index(path: str | Path) -> dict[str, Any]:
     """Read a cohort index; shard paths are returned absolute."""
     path = Path(path)
-    try:
-        index = fsio.read_json(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read cohort index ({exc})") from None
-    if index.get("format") != INDEX_FORMAT:
-        raise InputError(path, f"not a medflow cohort index (format {index.get('format')!r})")
+    index = fsio.read_json_document(path, "cohort index", INDEX_FORMAT)
     for entry in index["shards"]:
         entry["path"] = str((path.parent / entry["path"]).resolve())
     return index

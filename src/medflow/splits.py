@@ -109,7 +109,7 @@ def assign_groups(counts: np.ndarray, k: int, balance: str, seed: int) -> np.nda
 def _local_search(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective,
                   rng: np.random.Generator, max_passes: int = 50) -> np.ndarray:
     """Improve by single-patient moves and pairwise swaps until no step lowers the objective."""
-    n, k = len(fold), obj.k
+    n = len(fold)
     eps = 1e-12
     for _ in range(max_passes):
         improved = False
@@ -309,12 +309,7 @@ def _disjoint(source: Any, what: str, a: set[str], b: set[str]) -> None:
 
 def load_plan(path: str | Path) -> dict[str, Any]:
     """Read a fold plan and re-check that every split is disjoint by patient."""
-    try:
-        plan = fsio.read_json(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read fold plan ({exc})") from None
-    if not isinstance(plan, dict):
-        raise InputError(path, "not a medflow fold plan")
+    plan = fsio.read_json_document(path, "fold plan")
     check_plan(plan, path)
     return plan
 

@@ -67,12 +67,7 @@ def _parse_time(text: Any) -> datetime | None:
 
 # ---- discovering records ----------------------------------------------------------------------
 def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        rec = fsio.read_json(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable job record ({exc})") from None
-    if not isinstance(rec, dict):
-        raise InputError(path, "job record is not a JSON object")
+    rec = fsio.read_json_document(path, "job record")
     rec["_path"] = path
     return rec
 
@@ -517,12 +512,7 @@ def load_or_build(site_dir: str | Path, cfg: dict) -> dict[str, Any]:
     """``site_dir/summary.json`` if present (checking its format), else computed now (not written)."""
     path = Path(site_dir) / "summary.json"
     if path.is_file():
-        try:
-            data = fsio.read_json(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"unreadable summary ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
-            raise InputError(path, f"not a medflow summary (format {data.get('format') if isinstance(data, dict) else None!r})")
+        data = fsio.read_json_document(path, "summary", SUMMARY_FORMAT)
         # A site directory copied from another cluster: its files (HSI maps) are here now.
         data["site_dir"] = str(Path(site_dir).resolve())
         return data

@@ -242,11 +242,6 @@ def make_hsi(rng: np.random.Generator, mosaic_h: int, mosaic_w: int, size: int =
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def _write_npy(path: str | Path, array: np.ndarray) -> None:
-    with fsio.atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a path would get ".npy" appended
-        np.save(fh, array, allow_pickle=False)
-
-
 def _write_png(path: str | Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -272,9 +267,9 @@ def write_cohort(cfg: dict, only: str | None = None) -> dict[str, float]:
         hc = cfg["synth"]["hsi"]
         for e in entries["hsi"]:
             raw, white, dark, gt = make_hsi(rng_for(seed, "hsi", e.image_id), hc["mosaic_height"], hc["mosaic_width"])
-            _write_npy(e.image, raw)
-            _write_npy(e.white, white)
-            _write_npy(e.dark, dark)
+            fsio.write_npy(e.image, raw)
+            fsio.write_npy(e.white, white)
+            fsio.write_npy(e.dark, dark)
             _write_png(e.annotation, gt)
         write_manifest(out / "hsi" / "manifest.csv", entries["hsi"])
         timings["hsi_s"] = time.perf_counter() - t0
