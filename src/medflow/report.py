@@ -111,6 +111,13 @@ def _sites_table(summaries: list[dict], labels: list[str]) -> Table:
     return t
 
 
+def _short_commits(value: Any) -> Any:
+    """Commits as 12-hex prefixes (keeping "-dirty"): full hashes of several commits overflow the table."""
+    commits = value if isinstance(value, list) else [value]
+    return _one([c[:12] + ("-dirty" if str(c).endswith("-dirty") else "") if isinstance(c, str) and len(c) >= 40
+                 else c for c in commits])
+
+
 def _one(value: Any) -> Any:
     return " | ".join(map(str, value)) if isinstance(value, list) else value
 
@@ -217,7 +224,7 @@ def _display_sites(summaries: list[dict], labels: list[str]) -> Table:
             ("job records (ok)", lambda s: f"{s['jobs']['total']} ({s['jobs']['ok']})"),
             ("torch / horovod", lambda s: f"{fmt(_one(s['software'].get('torch')))} / {fmt(_one(s['software'].get('horovod')))}"),
             ("MPI", lambda s: fmt(_one(s["software"].get("mpi")))),
-            ("medflow (git)", lambda s: f"{fmt(_one(s['software'].get('medflow')))} ({fmt(_one(s['software'].get('git')))})")]
+            ("medflow (git)", lambda s: f"{fmt(_one(s['software'].get('medflow')))} ({fmt(_short_commits(s['software'].get('git')))})")]
     for name, get in rows:
         t.rows.append([name, *[get(s) for s in summaries]])
     return t
