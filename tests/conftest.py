@@ -56,11 +56,10 @@ def write_config(cfg: dict, path: Path) -> Path:
 
 
 def mpi_launcher() -> list[str]:
-    """mpiexec with the flags these machines need (root, oversubscription on 2 cores)."""
+    """mpiexec with the flags medflow's local launches use (medflow.provenance.mpiexec_flags)."""
+    from medflow.provenance import mpiexec_flags
+
     exe = shutil.which("mpiexec") or shutil.which("mpirun")
     if exe is None:
         pytest.skip("no MPI launcher installed")
-    flags = ["--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        flags.append("--allow-run-as-root")
-    return [exe, *flags]
+    return [exe, *mpiexec_flags()]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from medflow import cohort, fsio, synth
+from medflow.config import rng_for
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,11 @@ def test_hsi_signatures_distinct_but_healthy_close_to_tumour():
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    a, b, c = (synth.make_hsi(synth.rng_for(s, "hsi", "x"), 50, 50) for s in (1, 1, 2))
+    a, b, c = (synth.make_hsi(rng_for(s, "hsi", "x"), 50, 50) for s in (1, 1, 2))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
     for seed, name in ((3, "a.tiff"), (3, "b.tiff")):
-        rgb, _ = synth.make_slide(synth.rng_for(seed, "wsi", "s"), 600, 520, 0.5)
+        rgb, _ = synth.make_slide(rng_for(seed, "wsi", "s"), 600, 520, 0.5)
         synth.write_pyramid_tiff(tmp_path / name, rgb, 0.5)
     assert fsio.sha256_file(tmp_path / "a.tiff") == fsio.sha256_file(tmp_path / "b.tiff")
 

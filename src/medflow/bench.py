@@ -73,7 +73,7 @@ def _wsi_inputs(cfg: dict, scratch: Path, quick: bool) -> tuple[Any, dict, int]:
     # slide (synthesis costs ~1 s per megapixel) still yields a few hundred patches with 50 % grid overlap.
     side = 2048 if quick else 3072
     mpp = float(cfg["wsi"]["mpp"])
-    rgb, polygons = synth.make_slide(synth.rng_for(cfg["seed"], "bench", "wsi"), side, side, mpp)
+    rgb, polygons = synth.make_slide(config_mod.rng_for(cfg["seed"], "bench", "wsi"), side, side, mpp)
     slide, xml = scratch / "bench_slide.tiff", scratch / "bench_slide.xml"
     synth.write_pyramid_tiff(slide, rgb, mpp)
     # Star polygons near the border may reach outside a small slide: clip them (extraction rejects those).
@@ -118,7 +118,7 @@ def measure_hsi(cfg: dict, seconds: float, scratch: Path, quick: bool) -> dict[s
     # The brain study's snapshot camera is 2045×1085 px (409×217 × 25 bands); quick mode uses the demo size.
     h, w = ((cfg["synth"]["hsi"]["mosaic_height"], cfg["synth"]["hsi"]["mosaic_width"]) if quick else (1085, 2045))
     h, w = h // size * size, w // size * size
-    raw, white, dark, gt = synth.make_hsi(synth.rng_for(cfg["seed"], "bench", "hsi"), h, w, size)
+    raw, white, dark, gt = synth.make_hsi(config_mod.rng_for(cfg["seed"], "bench", "hsi"), h, w, size)
     paths = {name: scratch / f"hsi_{name}.npy" for name in ("raw", "white", "dark")}
     for name, arr in (("raw", raw), ("white", white), ("dark", dark)):
         np.save(paths[name], arr)
@@ -309,12 +309,7 @@ def mpi_command(cfg: dict, ranks: int) -> list[str]:
     exe = shutil.which(cfg["launch"]["mpiexec"]) or shutil.which("mpirun")
     if exe is None:
         raise Unavailable(f"no MPI launcher ({cfg['launch']['mpiexec']!r}) on PATH for {ranks} ranks")
-    flags: list[str] = []
-    if "open mpi" in (provenance.mpi_version() or "").lower():
-        flags = ["--oversubscribe", "--bind-to", "none"]
-        if os.geteuid() == 0:
-            flags.append("--allow-run-as-root")
-    return [exe, *flags, "-n", str(ranks)]
+    return [exe, *provenance.mpiexec_flags(), "-n", str(ranks)]
 
 
 def launch_worker(cfg_path: Path, cfg: dict, ranks: int, worker_args: list[str], out: Path, timeout: float) -> dict:

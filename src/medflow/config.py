@@ -6,12 +6,15 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -91,6 +94,20 @@ def section_hash(cfg: dict, *sections: str) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         picked[name] = node
     return hashlib.sha256(canonical_json(picked).encode()).hexdigest()[:16]
+
+
+def derive_seed(seed: int, *ids: Any) -> int:
+    """A 63-bit seed from the config seed and string/int ids, stable across runs and platforms."""
+    text = "\x1f".join([str(int(seed)), *(str(i) for i in ids)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def rng_for(seed: int, *keys: str) -> np.random.Generator:
+    """Independent, reproducible stream per (seed, key...) — order of generation does not matter."""
+    import numpy as np
+
+    digest = hashlib.sha256("/".join((str(seed), *keys)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def site_results(cfg: dict, site: str) -> Path:

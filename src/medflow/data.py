@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from .errors import InputError
-from .splits import derive_seed
+from .config import derive_seed
 
 PRELOAD_AUTO_BYTES = int(os.environ.get("MEDFLOW_PRELOAD_BYTES", 1 << 30))  # per process
 CHUNK_CACHE_BYTES = 256 << 20   # LRU of whole chunks for shards read through h5py (compressed)

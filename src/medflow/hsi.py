@@ -534,9 +534,8 @@ def patch_centres(entry: ImageEntry, cfg: dict, result: ChainResult) -> tuple[np
 
 
 def _sampling_rng(cfg: dict, image_id: str) -> np.random.Generator:
-    from .synth import rng_for   # the project's one (seed, ids) → generator rule
 
-    return rng_for(cfg["seed"], "hsi-patches", image_id)
+    return config_mod.rng_for(cfg["seed"], "hsi-patches", image_id)
 
 
 def _shard_attrs(entry: ImageEntry, cfg: dict, cohort: str, result: ChainResult, inputs: dict,

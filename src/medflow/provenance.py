@@ -145,6 +145,17 @@ def software() -> dict[str, Any]:
     }
 
 
+def mpiexec_flags() -> list[str]:
+    """Flags for a local Open MPI launch: oversubscribe (ranks may outnumber cores on a laptop), no core
+    binding (each rank sets its own thread count), and root allowed (containers, CI). Other MPIs: none."""
+    if "open mpi" not in (mpi_version() or "").lower():
+        return []
+    flags = ["--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        flags.append("--allow-run-as-root")
+    return flags
+
+
 def launch_info(backend: str = "none", ranks: int = 1, devices: list[str] | None = None) -> dict[str, Any]:
     env = os.environ
     if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID") is not None:

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from .data import PatchSet
     from .metrics import classification_metrics
     from .shards import load_index
-    from .splits import derive_seed, fold_patients, load_plan
+    from .config import derive_seed
+    from .splits import fold_patients, load_plan
 
     t0 = time.perf_counter()
     cfg = config_mod.load(args.config)

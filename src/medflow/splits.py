@@ -31,12 +31,6 @@ WEIGHTS = {"stratified": (0.0, 0.25, 1.0), "balanced": (1.0, 1.0, 0.25)}
 MAX_SWAP_PATIENTS = 400  # pairwise swaps are O(n²) per pass; moves alone beyond this size
 
 
-def derive_seed(seed: int, *ids: Any) -> int:
-    """A 63-bit seed from the config seed and string/int ids, stable across runs and platforms."""
-    text = "\x1f".join([str(int(seed)), *(str(i) for i in ids)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
 # ---- patients and their patch counts ----------------------------------------------------------
 def patient_counts(index: dict) -> tuple[list[str], np.ndarray, list[str]]:
     """Sorted patient ids and their (P, C) patch counts per class, from the cohort index."""
@@ -223,7 +217,7 @@ def make_plan(index: dict, cfg: dict, study: str, source: str | Path | None = No
         if n < k_outer:
             raise InputError(where, f"{n} patients cannot fill {k_outer} outer folds "
                                     f"(folds.outer = {k_outer}; lower it or use more patients)")
-        outer_test = _split(patients, counts, k_outer, balance, derive_seed(seed, study, "outer"))
+        outer_test = _split(patients, counts, k_outer, balance, config_mod.derive_seed(seed, study, "outer"))
     # Every outer training set must hold enough patients for the inner folds.
     min_train = n - max(len(t) for t in outer_test)
     if min_train < k_inner:
@@ -235,7 +229,7 @@ def make_plan(index: dict, cfg: dict, study: str, source: str | Path | None = No
         test_set = set(test)
         train = [p for p in patients if p not in test_set]
         train_counts = np.stack([table[p] for p in train])
-        inner_val = _split(train, train_counts, k_inner, balance, derive_seed(seed, study, "inner", i))
+        inner_val = _split(train, train_counts, k_inner, balance, config_mod.derive_seed(seed, study, "inner", i))
         inner = []
         for j, val in enumerate(inner_val):
             val_set = set(val)

@@ -14,7 +14,6 @@ venous blood, arterial blood, dura mater) whose spectra differ, healthy vs tumou
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import time
@@ -26,16 +25,11 @@ from PIL import Image, ImageDraw
 
 from . import config as config_mod, fsio
 from .cohort import ImageEntry, write_manifest
+from .config import rng_for
 from .hsi import CAMERA_WAVELENGTHS_NM
 
 HSI_CLASSES = ("healthy", "tumour", "venous", "arterial", "dura")
 HSI_WAVELENGTHS = CAMERA_WAVELENGTHS_NM
-
-
-def rng_for(seed: int, *keys: str) -> np.random.Generator:
-    """Independent, reproducible stream per (seed, key...) — order of generation does not matter."""
-    digest = hashlib.sha256("/".join((str(seed), *keys)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 # ---- plan ---------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class FoldJob:
         return int(self.cfg["seed"])
 
     def derive(self, *ids: Any) -> int:
-        from .splits import derive_seed
+        from .config import derive_seed
         return derive_seed(self.seed, self.study, self.outer, "refit" if self.inner is None else self.inner, *ids)
 
     @property
@@ -197,7 +197,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def checkpoint_identity(job: FoldJob) -> dict[str, Any]:
     """A checkpoint is resumed only by the same job: same config sections, fold and patients."""
-    from .splits import derive_seed
+    from .config import derive_seed
     return {"study": job.study, "outer": job.outer, "inner": job.inner, "config_hash": job.config_hash,
             "patients": derive_seed(0, *sorted(job.patients["train"]), "|", *sorted(job.patients["val"]))}
 

@@ -15,7 +15,6 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
-import hashlib
 import itertools
 import math
 import mmap
@@ -281,8 +280,7 @@ class Candidates:
 
 def slide_rng(cfg: dict, image_id: str) -> np.random.Generator:
     """The slide's random stream: config seed combined with the image id (order-independent)."""
-    digest = hashlib.sha256(f"{cfg['seed']}/wsi/{image_id}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return config_mod.rng_for(cfg["seed"], "wsi", image_id)
 
 
 def _cells_to_coords(cells_rc: np.ndarray, cell: float) -> np.ndarray:

@@ -77,10 +77,7 @@ def inner_folds() -> list[int]:
 
 def mpi_launcher() -> str:
     """Local launcher; the SLURM profile overrides resources.mpi with srun."""
-    flags = ["--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        flags.append("--allow-run-as-root")
-    return " ".join([shlex.quote(config["launch"]["mpiexec"]), *flags])
+    return " ".join([shlex.quote(config["launch"]["mpiexec"]), *medflow.provenance.mpiexec_flags()])
 
 
 wildcard_constraints:
