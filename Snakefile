@@ -1,10 +1,11 @@
 # medflow: raw slides / hyperspectral images → sharded HDF5 → nested-CV data-parallel training → per-site report.
-#   snakemake -c2                      (local, the embedded demo config)
-#   snakemake --profile slurm          (SLURM; see docs/slurm.md)
-#   snakemake --profile slurm benchmark   (node-throughput benchmark of a site)
+#   snakemake --profile workflow/profiles/local        (local, the embedded demo config)
+#   snakemake --profile slurm                          (SLURM; see docs/slurm.md)
+#   snakemake --profile slurm benchmark                (node-throughput benchmark of a site)
 import os
+import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -16,12 +17,12 @@ if not workflow.overwrite_configfiles:
     configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
-# Rejects unknown keys and wrong types before any job runs, naming the key.
-validate(config, "workflow/schemas/config.schema.yaml")
+# Jobs call the `medflow` of the environment that runs Snakemake.
+os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/synth.smk"
+include: "workflow/rules/demo.smk"
 include: "workflow/rules/extract_wsi.smk"
 include: "workflow/rules/extract_hsi.smk"
 include: "workflow/rules/index.smk"
@@ -31,6 +32,10 @@ include: "workflow/rules/select.smk"
 include: "workflow/rules/predict_hsi.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/bench.smk"
+
+
+onstart:
+    write_effective_config()
 
 
 rule all:

@@ -20,8 +20,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class Best:
             walls.append(time.perf_counter() - w0)
         self.wall, self.cpu = min(walls), min(cpus)
 
-    def __add__(self, other: "Best") -> "Best":
+    def __add__(self, other: Best) -> Best:
         out = object.__new__(Best)
         out.wall, out.cpu = self.wall + other.wall, self.cpu + other.cpu
         return out
@@ -82,8 +82,13 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from medflow import config as config_mod, hsi, hsi_predict, models
-    from medflow.cohort import ImageEntry
+    from medflow.core import config as config_mod
+    from medflow.core.manifest import ImageEntry
+    from medflow.extract.hsi import chain as hsi
+    from medflow.extract.hsi import job as hsi_job
+    from medflow.extract.hsi import patches as hsi_patches
+    from medflow.predict import hsi as hsi_predict
+    from medflow.train import models
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -91,7 +96,7 @@ def main() -> None:
     matrix = (np.eye(25) + rng.normal(0, 0.02, (25, 25))).astype(np.float32)
     cfg = config_mod.validate({"hsi": {"per_class": 150, "dtype": "float16", "patch": 7}})
     hcfg = cfg["hsi"]
-    labels = hsi.map_labels(gt, {}, 5, "gt")
+    labels = hsi_patches.map_labels(gt, {}, 5, "gt")
     k = hcfg["patch"]
 
     frame32 = raw.astype(np.float32)
@@ -111,10 +116,10 @@ def main() -> None:
 
     def patches(per_class: int) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
-            rows, cols = hsi.select_pixels(labels, k, "reflect", per_class, np.random.default_rng(1))
+            rows, cols = hsi_patches.select_pixels(labels, k, "reflect", per_class, np.random.default_rng(1))
             # as extract_image: cast the cube once when there are more patch pixels than cube pixels
             source = cube.astype(np.float16) if len(rows) * k * k > labels.size else cube
-            return hsi.extract_patches(source, rows, cols, k)
+            return hsi_patches.extract_patches(source, rows, cols, k)
         return run
 
     n_strat, n_all = len(patches(150)()), len(patches(0)())
@@ -136,7 +141,7 @@ def main() -> None:
 
         def extract() -> dict:
             i = next(counter)         # a new output each time: measure the work, not the up-to-date skip
-            return hsi.extract_image(entry, ecfg, "bench", folder / f"s{i}.h5", folder / f"s{i}.record.json",
+            return hsi_job.extract_image(entry, ecfg, "bench", folder / f"s{i}.h5", folder / f"s{i}.record.json",
                                      verbose=False)
 
         extract_t = Best(extract, args.repeats)

@@ -28,12 +28,15 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
-from medflow import data, shards
+from medflow.bench.inputs import write_synthetic_cohort
+from medflow.core import index as shards
+from medflow.train import loader as data
+from medflow.train.patchset import PatchSet
 
 PATCH = (224, 224, 3)
 BATCH = 64
@@ -98,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         per = -(-args.n // args.shards)
         images = {f"img{i}": (f"P{i}", rng.integers(0, 2, size=min(per, args.n - i * per)).tolist())
                   for i in range(args.shards)}
-        index_path = data.write_synthetic_cohort(root, images, ["normal", "tumour"], patch_shape=PATCH,
+        index_path = write_synthetic_cohort(root, images, ["normal", "tumour"], patch_shape=PATCH,
                                                  chunk_patches=args.chunk, make_patches=tissue_like)
         index = shards.load_index(index_path)
-        pset = data.PatchSet(index, [p for p, _ in images.values()])
+        pset = PatchSet(index, [p for p, _ in images.values()])
         n = len(pset)
         everything = pset.read(np.arange(n))
         npy = root / "patches.npy"
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def run_all(index: dict, patients: list[str], pset: data.PatchSet, npy: Path, png_dir: Path,
+def run_all(index: dict, patients: list[str], pset: PatchSet, npy: Path, png_dir: Path,
             n_png: int, repeats: int) -> dict:
     n = len(pset)
     methods: dict[str, Callable[[int], int]] = {}
@@ -142,10 +145,10 @@ def run_all(index: dict, patients: list[str], pset: data.PatchSet, npy: Path, pn
     methods["medflow-stream-win16"] = loader_epochs(
         data.make_loader(pset, batch_size=BATCH, seed=0, preload=False, window_chunks=16))
     # The h5py whole-chunk path (what compressed shards use); its chunk LRU is sized by the loader.
-    h5set = data.PatchSet(index, patients, io="h5py", cache_bytes=0)
+    h5set = PatchSet(index, patients, io="h5py", cache_bytes=0)
     methods["medflow-h5py-win16"] = loader_epochs(
         data.make_loader(h5set, batch_size=BATCH, seed=0, preload=False, window_chunks=16))
-    ram_set = data.PatchSet(index, patients)   # its own set: preloading must not change the others
+    ram_set = PatchSet(index, patients)   # its own set: preloading must not change the others
     methods["medflow-preload"] = loader_epochs(data.make_loader(ram_set, batch_size=BATCH, seed=0, preload=True))
 
     chunk_bounds = [(sid, lo) for sid, (ln, c) in enumerate(zip(pset.shard_len, pset.chunk_rows))

@@ -30,7 +30,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from medflow import data, dist, models  # noqa: E402
+from medflow.bench.inputs import write_synthetic_cohort  # noqa: E402
+from medflow.core.index import load_index  # noqa: E402
+from medflow.train import dist, models  # noqa: E402
+from medflow.train.loader import make_loader  # noqa: E402
+from medflow.train.patchset import PatchSet  # noqa: E402
 
 # model → (model config, patch shape, dtype, per-rank batch) as in the demo config
 SETUPS = {
@@ -44,7 +48,7 @@ def make_cohort(root: Path, model: str, n: int) -> str:
     per_image = n // 4
     images = {f"{model}{i}": (f"P{i}", [i % 2] * (per_image // 2) + [1 - i % 2] * (per_image - per_image // 2))
               for i in range(4)}
-    return data.write_synthetic_cohort(root / model, images, ["normal", "tumour"], patch_shape=shape,
+    return write_synthetic_cohort(root / model, images, ["normal", "tumour"], patch_shape=shape,
                                        dtype=dtype, chunk_patches=32, cohort=model,
                                        kind="wsi" if dtype == "uint8" else "hsi")
 
@@ -93,15 +97,14 @@ def loader_vs_memory(index: str, model: str, steps: int, repeats: int) -> dict:
     _, _, _, batch = SETUPS[model]
     torch.set_num_threads(1)
     idx = json.loads(Path(index).read_text())
-    from medflow.shards import load_index
     index_d = load_index(index)
     patients = [s["patient_id"] for s in idx["shards"]]
-    stream_set, ram_set = data.PatchSet(index_d, patients), data.PatchSet(index_d, patients)
+    stream_set, ram_set = PatchSet(index_d, patients), PatchSet(index_d, patients)
     loaders = {
-        "stream": data.make_loader(stream_set, batch_size=batch, seed=1, augment="dihedral", preload=False),
-        "preload": data.make_loader(ram_set, batch_size=batch, seed=1, augment="dihedral", preload=True),
+        "stream": make_loader(stream_set, batch_size=batch, seed=1, augment="dihedral", preload=False),
+        "preload": make_loader(ram_set, batch_size=batch, seed=1, augment="dihedral", preload=True),
         # the same without the dihedral augmentation: separates reading from augmenting
-        "preload_noaug": data.make_loader(ram_set, batch_size=batch, seed=1, augment="none", preload=True),
+        "preload_noaug": make_loader(ram_set, batch_size=batch, seed=1, augment="none", preload=True),
     }
     fixed = [(x.clone(), y.clone()) for x, y in loaders["preload"]]  # one epoch of identical batches
     sources = {"memory": cycle(fixed), **{name: endless(loader) for name, loader in loaders.items()}}
@@ -121,10 +124,9 @@ def loader_vs_memory(index: str, model: str, steps: int, repeats: int) -> dict:
 def worker(args: argparse.Namespace) -> None:
     d = dist.init(args.backend, 1)
     _, _, _, batch = SETUPS[args.model]
-    from medflow.shards import load_index
     index = load_index(args.index)
-    pset = data.PatchSet(index, [s["patient_id"] for s in index["shards"]])
-    loader = data.make_loader(pset, batch_size=batch, rank=d.rank, world_size=d.size, seed=1,
+    pset = PatchSet(index, [s["patient_id"] for s in index["shards"]])
+    loader = make_loader(pset, batch_size=batch, rank=d.rank, world_size=d.size, seed=1,
                               augment="dihedral", drop_last=True)
     net, opt = build(args.model, d.device)
     wrapped = d.wrap_model(net)

@@ -38,8 +38,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from medflow import config as config_mod, synth, wsi  # noqa: E402
-from medflow.cohort import ImageEntry  # noqa: E402
+from medflow.core import config as config_mod  # noqa: E402
+from medflow.core.manifest import ImageEntry  # noqa: E402
+from medflow.demo.content import make_slide  # noqa: E402
+from medflow.extract.wsi import job as wsi  # noqa: E402
+from medflow.extract.wsi.annotations import write_asap_xml  # noqa: E402
+from medflow.extract.wsi.pyramid import write_pyramid_tiff  # noqa: E402
+from medflow.extract.wsi.slide import slide_mpp  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HISTOLAB_PYTHON = Path(os.environ.get("HISTOLAB_PYTHON", "/tmp/histolab-venv/bin/python"))
@@ -134,10 +139,10 @@ def slides(work: Path) -> list[tuple[ImageEntry, float | None]]:
     if cmu.is_file() and tcga.is_file():
         return [(ImageEntry("cmu1_small_region", "p0", str(cmu)), None),
                 (ImageEntry("tcga_cr7395", "p1", str(tcga), mpp=0.25), 0.25)]
-    rgb, polygons = synth.make_slide(np.random.default_rng(0), 4096, 3072, 0.5)
+    rgb, polygons = make_slide(np.random.default_rng(0), 4096, 3072, 0.5)
     path = work / "synthetic.tiff"
-    synth.write_pyramid_tiff(path, rgb, mpp=0.5)
-    synth.write_asap_xml(work / "synthetic.xml", {"_0": polygons})
+    write_pyramid_tiff(path, rgb, mpp=0.5)
+    write_asap_xml(work / "synthetic.xml", {"_0": polygons})
     return [(ImageEntry("synthetic", "p0", str(path), annotation=str(work / "synthetic.xml")), None)]
 
 
@@ -156,7 +161,7 @@ def median(values: list[float]) -> float:
 
 def run_slide(entry: ImageEntry, mpp: float | None, args: argparse.Namespace, work: Path) -> dict:
     slide = openslide.OpenSlide(entry.image)
-    level0_mpp = mpp or wsi.slide_mpp(slide)
+    level0_mpp = mpp or slide_mpp(slide)
     slide.close()
     res: dict = {"slide": entry.image_id, "level0_mpp": level0_mpp}
     caches = [("cache default", None)] + ([("cache off", 0)] if args.cache_off else [])
@@ -211,7 +216,7 @@ def report(res: dict) -> None:
               f"(×{r['a_2workers_per_s'] / r['a_medflow_per_s']:.2f} vs 1 worker)")
         print(f"    (b) bare loop, 2 processes       : {r['b_2proc_per_s']:8.1f} patches/s "
               f"→ ratio a/b (2 procs) = {r['a_2workers_per_s'] / r['b_2proc_per_s']:.2f} (paired {r['paired_a2_b2']:.2f})")
-        print(f"        stage timings of the last (a) run: "
+        print("        stage timings of the last (a) run: "
               + ", ".join(f"{k} {v:.3f}s" for k, v in r["last_timings_s"].items()))
     h = res.get("histolab")
     if isinstance(h, dict):

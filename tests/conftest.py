@@ -10,9 +10,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medflow.core import config as config_mod
+from medflow.core.provenance import mpiexec_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 VENV_BIN = Path(sys.executable).parent
+FAULTS = ROOT / "tests" / "faults"
+
+
+def fault_env(**faults: str) -> dict[str, str]:
+    """Environment that injects ``faults`` (see tests/faults/sitecustomize.py) into medflow commands."""
+    path = os.pathsep.join([str(FAULTS), str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"PYTHONPATH": path, **faults}
 
 
 @pytest.fixture(scope="session")
@@ -26,15 +36,24 @@ def shared_data() -> Path:
 @pytest.fixture
 def default_cfg(tmp_path: Path) -> dict:
     """The embedded default config, validated with defaults filled, writing under tmp_path."""
-    from medflow import config as config_mod
-
     with open(ROOT / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
     cfg = copy.deepcopy(cfg)
     cfg["results"] = str(tmp_path / "results")
-    cfg["synth"]["out"] = str(tmp_path / "data" / "demo")
+    move_demo(cfg, tmp_path / "data" / "demo")
     cfg["site"]["name"] = "testsite"
     return config_mod.validate(cfg)
+
+
+def move_demo(cfg: dict, out: Path) -> dict:
+    """Point the demo (synth.out) and the cohorts that use its manifests at ``out``."""
+    old = Path(cfg["synth"]["out"])
+    cfg["synth"]["out"] = str(out)
+    for spec in cfg["cohorts"].values():
+        manifest = Path(spec["manifest"])
+        if manifest.parent.parent == old:
+            spec["manifest"] = str(out / manifest.relative_to(old))
+    return cfg
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -57,8 +76,6 @@ def write_config(cfg: dict, path: Path) -> Path:
 
 def mpi_launcher() -> list[str]:
     """mpiexec with the flags medflow's local launches use (medflow.provenance.mpiexec_flags)."""
-    from medflow.provenance import mpiexec_flags
-
     exe = shutil.which("mpiexec") or shutil.which("mpirun")
     if exe is None:
         pytest.skip("no MPI launcher installed")

@@ -1,73 +1,84 @@
-# Shared definitions: the effective config, the site's results directory, the cohort plan, launchers.
+# Shared definitions: the effective config, the site's results directory, the cohorts' images, fold ids,
+# launchers. No side effects: nothing here writes a file (a dry run writes nothing; the effective config
+# file is written by the Snakefile's onstart handler, only when jobs really run).
 import os
 import shlex
-import sys
+from functools import cache
 from pathlib import Path
 
-import medflow.cohort
-import medflow.config
-import medflow.fsio
-import medflow.provenance
+import yaml
 
-# Same defaults as every `medflow` call (schema defaults inside $refs included).
-medflow.config.validate(config, "config")
+import medflow.core.config
+import medflow.core.fsio
+import medflow.core.manifest
+import medflow.core.provenance
+import medflow.extract.job
 
-# Jobs call the `medflow` of the environment that runs Snakemake.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# The one validation of this process: unknown keys and wrong types stop the run before any job, naming
+# the key; defaults (inside $refs too) are filled exactly as every `medflow` command fills them.
+medflow.core.config.validate(config, "config")
 
-SITE = medflow.provenance.site_name(config)
+SITE = medflow.core.provenance.site_name(config)
 RES = f"{config['results']}/{SITE}"
 CONFIG_FILE = f"{RES}/config.yaml"
 CONTAINER = config["container"] or None
-
-
-def _write_effective_config() -> None:
-    """Every rule passes this file to `medflow --config`; rewritten only when the content changed."""
-    import yaml
-
-    text = yaml.safe_dump(config, sort_keys=False)
-    path = Path(CONFIG_FILE)
-    if not path.exists() or path.read_text() != text:
-        medflow.fsio.write_text(path, text)
-
-
-_write_effective_config()
-
-
-def section_hash(*sections: str) -> str:
-    return medflow.config.section_hash(config, *sections)
-
-
 COHORTS = config["cohorts"]
 STUDIES = config["studies"]
 for _study, _spec in STUDIES.items():
     if _spec["cohort"] not in COHORTS:
         raise ValueError(f"config: studies.{_study}.cohort {_spec['cohort']!r} is not a cohort {sorted(COHORTS)}")
-USES_SYNTH = any(spec.get("manifest", "synth") == "synth" for spec in COHORTS.values())
+
+# Manifests that a rule of this workflow writes (the demo, workflow/rules/demo.smk): path → planned rows,
+# so the DAG can be built before they exist. Every other manifest is read from disk.
+PLANNED_MANIFESTS = {}
+
+
+def write_effective_config() -> None:
+    """What every rule passes to `medflow --config`: the validated config with its defaults. Called by
+    the Snakefile's onstart handler (never in a dry run); rewritten only when its content changed."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not os.path.exists(CONFIG_FILE) or open(CONFIG_FILE).read() != text:
+        medflow.core.fsio.write_text(CONFIG_FILE, text)
+
+
+def extraction_hash(kind: str, cohort: str) -> str:
+    """Hash of the config sections that shape a shard (medflow.extract.job.config_sections)."""
+    return section_hash(*medflow.extract.job.config_sections(kind, cohort))
+
+
+def section_hash(*sections: str) -> str:
+    return medflow.core.config.section_hash(config, *sections)
 
 
 def cohorts_of(kind: str) -> list[str]:
     return [name for name, spec in COHORTS.items() if spec["kind"] == kind]
 
 
-_ENTRIES = {name: medflow.cohort.entries(config, name) for name in COHORTS}
+@cache
+def cohort_entries(cohort: str) -> tuple:
+    """The cohort's manifest rows (planned ones for a manifest this workflow writes)."""
+    manifest = COHORTS[cohort]["manifest"]
+    planned = {os.path.normpath(path): rows for path, rows in PLANNED_MANIFESTS.items()}
+    if os.path.normpath(manifest) in planned:
+        return tuple(planned[os.path.normpath(manifest)])
+    return tuple(medflow.core.manifest.read_manifest(manifest))
 
 
 def cohort_entry(cohort: str, image_id: str):
-    for e in _ENTRIES[cohort]:
+    for e in cohort_entries(cohort):
         if e.image_id == image_id:
             return e
     raise ValueError(f"no image {image_id!r} in cohort {cohort!r}")
 
 
 def extraction_records(cohort: str) -> list[str]:
-    return [f"{RES}/shards/{cohort}/{e.image_id}.record.json" for e in _ENTRIES[cohort]]
+    return [f"{RES}/shards/{cohort}/{e.image_id}.record.json" for e in cohort_entries(cohort)]
 
 
 def outer_folds(study: str) -> list[int]:
     """Outer fold ids: k for k-fold, one per patient for leave-one-patient-out."""
     if config["folds"]["strategy"] == "lopo":
-        return list(range(len({e.patient_id for e in _ENTRIES[STUDIES[study]["cohort"]]})))
+        return list(range(len({e.patient_id for e in cohort_entries(STUDIES[study]["cohort"])})))
     return list(range(config["folds"]["outer"]))
 
 
@@ -77,7 +88,7 @@ def inner_folds() -> list[int]:
 
 def mpi_launcher() -> str:
     """Local launcher; the SLURM profile overrides resources.mpi with srun."""
-    return " ".join([shlex.quote(config["launch"]["mpiexec"]), *medflow.provenance.mpiexec_flags()])
+    return " ".join([shlex.quote(config["launch"]["mpiexec"]), *medflow.core.provenance.mpiexec_flags()])
 
 
 wildcard_constraints:

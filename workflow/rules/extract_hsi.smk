@@ -1,5 +1,6 @@
 # One job per HSI image: patches into one HDF5 shard + an extraction record (docs/architecture.md).
-# With hsi.on_error=skip a bad image yields a "failed" record and no shard, so only the record is declared.
+# Skip-if-up-to-date, --force and on_error: medflow.extract.job. With hsi.on_error=skip a bad image
+# yields a "failed" record and no shard, so only the record is declared.
 _HSI_COHORTS = cohorts_of("hsi")
 
 if _HSI_COHORTS:
@@ -13,7 +14,7 @@ if _HSI_COHORTS:
             cohort="|".join(_HSI_COHORTS),
         params:
             shard=lambda wc: f"{RES}/shards/{wc.cohort}/{wc.image_id}.h5",
-            config_hash=section_hash("hsi", "shards", "cohorts"),
+            config_hash=lambda wc: extraction_hash("hsi", wc.cohort),
         log:
             f"{RES}/logs/extract_hsi/{{cohort}}/{{image_id}}.log",
         container: CONTAINER

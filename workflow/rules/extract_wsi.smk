@@ -1,5 +1,6 @@
 # One job per WSI image: patches into one HDF5 shard + an extraction record (docs/architecture.md).
-# With wsi.on_error=skip a bad image yields a "failed" record and no shard, so only the record is declared.
+# Skip-if-up-to-date, --force and on_error: medflow.extract.job. With wsi.on_error=skip a bad image
+# yields a "failed" record and no shard, so only the record is declared.
 _WSI_COHORTS = cohorts_of("wsi")
 
 if _WSI_COHORTS:
@@ -13,7 +14,7 @@ if _WSI_COHORTS:
             cohort="|".join(_WSI_COHORTS),
         params:
             shard=lambda wc: f"{RES}/shards/{wc.cohort}/{wc.image_id}.h5",
-            config_hash=section_hash("wsi", "shards", "cohorts"),
+            config_hash=lambda wc: extraction_hash("wsi", wc.cohort),
         log:
             f"{RES}/logs/extract_wsi/{{cohort}}/{{image_id}}.log",
         container: CONTAINER

@@ -1,0 +1,215 @@
+"""Distributed measurements of `medflow bench`: training images/s per device for 1..N ranks and allreduce
+bandwidth, each run as ranks of this command's worker mode under the launcher (`mpiexec -n r` locally),
+through the training jobs' own data-parallel path (`medflow.train.dist`, Horovod or DDP)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import config as config_mod
+from ..core import fsio, provenance
+from ..core.errors import InputError
+from ..core.seeds import stream_seed
+from ..train import dist, models
+from ..train.optim import make_optimizer, scaled_lr
+from ..train.trainer import Trainer
+from .timing import Unavailable
+
+
+def _dist_context(cfg: dict, ranks: int | None) -> Any:
+    """The training jobs' data-parallel context (`medflow.dist`, configured backend). ``ranks`` = 1
+    ignores the launcher environment: a lone worker inside a multi-task SLURM step must not wait for peers."""
+    d = dist.init(cfg["launch"]["backend"], int(cfg["launch"]["threads_per_rank"]), env={} if ranks == 1 else None)
+    if ranks is not None and d.size != ranks:
+        d.shutdown()
+        raise InputError(None, f"bench worker expected {ranks} ranks but the launcher started {d.size}")
+    return d
+
+
+def _sync(device: Any) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_steps(d: Any, step: Callable[[], None], seconds: float, min_steps: int) -> tuple[int, float]:
+    """Warm up, let rank 0 choose the step count from 3 probe steps (ranks stay in lockstep), then time
+    the steps; returns (steps, slowest rank's seconds)."""
+    for _ in range(2):
+        step()
+    _sync(d.device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    _sync(d.device)
+    per_step = max((time.perf_counter() - t0) / 3, 1e-6)
+    steps = int(d.broadcast_object(max(min_steps, int(seconds / per_step))))
+    d.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(d.device)
+    return steps, max(d.allgather_object(time.perf_counter() - t0))
+
+
+def model_spec(cfg: dict, name: str) -> dict[str, Any]:
+    """Model and training settings, patch shape and dtype of a benchmarked model: those of the first
+    study that trains it, else the schema's defaults on the WSI (RGB) or, for conv2dnet, HSI geometry."""
+    for study in cfg.get("studies", {}).values():
+        if study.get("model", {}).get("name") == name:
+            kind = cfg["cohorts"].get(study["cohort"], {}).get("kind", "wsi")
+            return _spec(cfg, study, kind)
+    defaults = config_mod.validate({"studies": {"bench": {"cohort": "bench", "model": {"name": name}}}}, "bench")
+    return _spec(cfg, defaults["studies"]["bench"], "hsi" if name == "conv2dnet" else "wsi")
+
+
+def _spec(cfg: dict, study: dict, kind: str) -> dict[str, Any]:
+    common = {"model": study["model"], "train": study["train"], "batch": int(study["train"]["batch_size"])}
+    if kind == "hsi":
+        k, bands = int(cfg["hsi"]["patch"]), len(cfg["hsi"]["wavelengths"]) or int(cfg["hsi"]["mosaic"]["size"]) ** 2
+        return {**common, "shape": [k, k, bands], "dtype": cfg["hsi"]["dtype"], "classes": len(cfg["hsi"]["class_names"])}
+    size = int(cfg["wsi"]["patch_size"])
+    return {**common, "shape": [size, size, 3], "dtype": "uint8", "classes": len(cfg["wsi"]["labels"]["classes"])}
+
+
+def worker_train(cfg: dict, model_name: str, seconds: float, out: Path, ranks: int | None = None) -> None:
+    """One rank of the training-throughput measurement: the training jobs' own step (`medflow.train.Trainer`:
+    Horovod or DDP via `medflow.dist`, the study's optimiser, AMP + channels_last on CUDA) on fixed batches."""
+    d = _dist_context(cfg, ranks)
+    spec = model_spec(cfg, model_name)
+    tc, on_cuda = spec["train"], d.device.type == "cuda"
+    torch.manual_seed(stream_seed(cfg["seed"], "bench", "init", model_name))
+    net = models.build(spec["model"], spec["classes"], spec["shape"][2], spec["shape"][0]).to(d.device)
+    if on_cuda and tc["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
+    lr = scaled_lr(float(tc["lr"]), d.size, tc["lr_scaling"])
+    opt = d.wrap_optimizer(make_optimizer([p for p in net.parameters() if p.requires_grad], tc, lr), net)
+    d.broadcast_state(net, opt)
+    trainer = Trainer(model=d.wrap_model(net), optimizer=opt, criterion=torch.nn.CrossEntropyLoss(), d=d,
+                            train_cfg=tc, peak_lr=lr, base_lr=lr,
+                            scaler=torch.amp.GradScaler("cuda") if on_cuda and tc["amp"] else None)
+    trainer.model.train()
+    gen = torch.Generator().manual_seed(stream_seed(cfg["seed"], "bench", "batch", d.rank))
+    if spec["dtype"] == "uint8":
+        x = torch.randint(0, 256, (spec["batch"], *spec["shape"]), dtype=torch.uint8, generator=gen)
+    else:
+        x = torch.rand((spec["batch"], *spec["shape"]), generator=gen).to(getattr(torch, spec["dtype"]))
+    x, y = x.to(d.device), torch.randint(0, spec["classes"], (spec["batch"],), generator=gen).to(d.device)
+    amp = trainer.amp
+
+    def step() -> None:
+        with trainer.autocast():
+            loss = models.loss_of(trainer.model(x), y, trainer.criterion)
+        trainer.step(loss)
+    steps, elapsed = _timed_steps(d, step, seconds, min_steps=3)
+    if d.is_root:
+        device = d.devices[0] if d.devices else "cpu"
+        fsio.write_json(out, {"model": model_name, "ranks": d.size, "backend": d.backend, "steps": steps,
+                              "batch_per_rank": spec["batch"], "shape": spec["shape"], "dtype": spec["dtype"],
+                              "device": device, "amp": bool(amp), "optimizer": tc["optimizer"],
+                              "threads_per_rank": int(cfg["launch"]["threads_per_rank"]), "seconds": elapsed,
+                              "img_per_s": steps * spec["batch"] * d.size / elapsed,
+                              "img_per_s_per_device": steps * spec["batch"] / elapsed})
+    d.shutdown()
+
+
+def worker_allreduce(cfg: dict, seconds: float, out: Path, ranks: int | None = None) -> None:
+    """One rank of the allreduce bandwidth test: in-place sum of a float32 buffer of ``bench.allreduce_mb`` MB
+    with the configured backend's allreduce (Horovod, or torch.distributed gloo/NCCL)."""
+    d = _dist_context(cfg, ranks)
+    if d.size < 2:
+        d.shutdown()
+        raise InputError(None, "the allreduce worker needs at least 2 ranks")
+    n = int(float(cfg["bench"]["allreduce_mb"]) * 1e6 / 4)
+    buf = torch.ones(n, dtype=torch.float32, device=d.device)
+    if d.backend == "horovod":
+        import horovod.torch as hvd
+        op = lambda: hvd.allreduce_(buf, op=hvd.Sum, name="medflow.bench.allreduce")  # noqa: E731
+        library = "horovod"
+    else:
+        import torch.distributed as td
+        op = lambda: td.all_reduce(buf)  # noqa: E731
+        library = f"torch.distributed/{td.get_backend()}"
+    steps, elapsed = _timed_steps(d, op, seconds, min_steps=5)
+    if d.is_root:
+        nbytes = n * 4
+        algbw = nbytes * steps / elapsed / 1e9
+        fsio.write_json(out, {"ranks": d.size, "bytes": nbytes, "steps": steps, "seconds": elapsed,
+                              "device": d.devices[0] if d.devices else "cpu", "backend": library,
+                              "algbw_gb_per_s": algbw, "busbw_gb_per_s": algbw * 2 * (d.size - 1) / d.size,
+                              "latency_ms": 1000 * elapsed / steps})
+    d.shutdown()
+
+
+# ---- launching workers ------------------------------------------------------------------------------
+def mpi_command(cfg: dict, ranks: int) -> list[str]:
+    """``mpiexec -n r`` with the local flags medflow uses (Open MPI: oversubscribe, no binding, root)."""
+    exe = shutil.which(cfg["launch"]["mpiexec"]) or shutil.which("mpirun")
+    if exe is None:
+        raise Unavailable(f"no MPI launcher ({cfg['launch']['mpiexec']!r}) on PATH for {ranks} ranks")
+    return [exe, *provenance.mpiexec_flags(), "-n", str(ranks)]
+
+
+def launch_worker(cfg_path: Path, cfg: dict, ranks: int, worker_args: list[str], out: Path, timeout: float) -> dict:
+    """Run this command's worker mode on ``ranks`` ranks (plain subprocess for 1) and read rank 0's JSON."""
+    cmd = [sys.executable, "-m", "medflow.cli", "bench", "--config", str(cfg_path), "--worker", *worker_args,
+           "--ranks", str(ranks), "--out", str(out)]
+    if ranks > 1:
+        cmd = [*mpi_command(cfg, ranks), *cmd]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(cfg["launch"]["threads_per_rank"]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"{' '.join(worker_args)} on {ranks} ranks timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0 or not out.is_file():
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # the worker's exception line says more than the launcher's closing banner
+        errors = [ln.strip() for ln in lines if re.match(r"^\w*(Error|Exception)\b|^medflow bench: error", ln.strip())]
+        why = errors[-1] if errors else " | ".join(ln.strip() for ln in lines[-3:])
+        raise Unavailable(f"{' '.join(worker_args)} on {ranks} ranks failed (exit {proc.returncode}): {why}")
+    return fsio.read_json(out)
+
+
+def _rank_counts(cfg: dict) -> list[int]:
+    gpus = provenance.gpus()
+    top = int(cfg["bench"]["max_ranks"])
+    if gpus:
+        top = min(top, len(gpus))
+    return list(range(1, max(1, top) + 1))
+
+
+def measure_train(cfg: dict, seconds: float, scratch: Path, quick: bool, cfg_path: Path) -> dict[str, Any]:
+    metrics, details, skipped = {}, {}, {}
+    for model in cfg["bench"]["models"]:
+        runs = {}
+        for r in _rank_counts(cfg):
+            try:
+                runs[r] = launch_worker(cfg_path, cfg, r, ["train", "--model", model, "--seconds", str(seconds)],
+                                        scratch / f"train_{model}_{r}.json", timeout=120 + 20 * seconds)
+            except Unavailable as exc:
+                skipped[f"{model}.r{r}"] = str(exc)
+        for r, res in runs.items():
+            metrics[f"train.{model}.img_per_s.r{r}"] = res["img_per_s"]
+            metrics[f"train.{model}.img_per_s_per_device.r{r}"] = res["img_per_s_per_device"]
+            if r > 1 and 1 in runs:
+                metrics[f"train.{model}.scaling_efficiency.r{r}"] = res["img_per_s"] / (r * runs[1]["img_per_s"])
+        details[model] = {f"r{r}": res for r, res in runs.items()}
+    if not metrics and skipped:
+        raise Unavailable("; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return {"metrics": metrics, "details": details, **({"skipped": skipped} if skipped else {})}
+
+
+def measure_allreduce(cfg: dict, seconds: float, scratch: Path, quick: bool, cfg_path: Path) -> dict[str, Any]:
+    res = launch_worker(cfg_path, cfg, 2, ["allreduce", "--seconds", str(seconds)], scratch / "allreduce.json",
+                        timeout=120 + 10 * seconds)
+    return {"metrics": {f"allreduce.{k}": res[k] for k in ("algbw_gb_per_s", "busbw_gb_per_s", "latency_ms")},
+            "details": res}

@@ -1,0 +1,1 @@
+"""Hyperspectral images → calibrated, normalised cubes → k×k×bands patches around labelled pixels."""

@@ -1,0 +1,165 @@
+"""WSI patch extraction: one slide → one labelled HDF5 shard + its extraction record (`medflow extract-wsi`).
+
+Pipeline per slide: open with OpenSlide → level-0 mpp (metadata, else manifest, else cohort) → read
+plan (pyramid level + optional resampling for the target µm/px) → tissue mask (Otsu or a user mask)
+→ annotation polygons rasterised onto a coverage grid (cells of 1/8 patch) → per-patch tumour and
+tissue coverage from integral images → label and sample (seeded random per class, or a grid) →
+read the patches at OpenSlide's decode rate (raw ARGB buffer → RGB numpy, no PIL image per patch;
+optional worker processes) → reject white/black/blurred patches → stream into a shard
+(`medflow.core.shards.ShardWriter`) from a writer thread while the next batch decodes.
+Skip-if-up-to-date, ``--force``, ``on_error`` and atomic outputs: `medflow.extract.job`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import openslide
+
+from ...core import config as config_mod
+from ...core.errors import InputError
+from ...core.manifest import ImageEntry
+from ...core.manifest import entry as manifest_entry
+from ...core.records import JobRecord
+from ...core.shards import ShardWriter
+from .. import job as job_mod
+from . import tissue
+from .reading import BackgroundWriter, PatchSource, read_into
+from .sampling import Candidates, coverage, label_map, sample, slide_annotations, slide_rng
+from .slide import ReadPlan, choose_level, level0_mpp, open_slide
+
+
+def input_files(entry: ImageEntry) -> dict[str, str]:
+    return {"image": entry.image, "annotation": entry.annotation, "mask": entry.mask}
+
+
+def extract_slide(entry: ImageEntry, cfg: dict, cohort: str, out: str | Path, record_path: str | Path, *,
+                  cache_bytes: int | None = None, force: bool = False, verbose: bool = True) -> dict:
+    """Extract one slide into ``out`` and write its record; returns the record.
+
+    ``cache_bytes`` sets OpenSlide's tile cache (0 disables it; None keeps the default), for
+    benchmarks. ``force`` ignores an up-to-date shard. With ``wsi.on_error: skip`` a bad input
+    gives a ``failed`` record and no shard; with ``fail`` the InputError propagates and nothing is written.
+    """
+    target = job_mod.Target("wsi", cohort, entry, Path(out), Path(record_path))
+
+    def extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict) -> None:
+        _extract(target, cfg, rec, inputs, cache_bytes)
+
+    return job_mod.run(target, cfg, lambda: input_files(entry), extract, params={"manifest_mpp": entry.mpp},
+                       force=force, verbose=verbose)
+
+
+def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> tissue.TissueMask:
+    tcfg = wsi_cfg["tissue"]
+    if entry.mask:
+        tm = tissue.user_mask(entry.mask, *slide.dimensions)
+    elif tcfg["method"] == "mask":
+        raise InputError(entry.image, "wsi.tissue.method is 'mask' but the manifest row has no mask")
+    else:
+        try:
+            tm = tissue.otsu_mask(slide, mpp0, tcfg)
+        except openslide.OpenSlideError as exc:
+            raise InputError(entry.image, f"decode error while building the tissue mask ({exc})") from None
+    if not tm.mask.any():
+        raise InputError(entry.mask or entry.image, f"no tissue found (threshold {tm.threshold:.1f} on "
+                                                    f"{tcfg['channel']}; adjust wsi.tissue or supply a mask)")
+    return tm
+
+
+def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, cache_bytes: int | None) -> None:
+    entry, wsi_cfg = target.entry, cfg["wsi"]
+    n_classes = len(wsi_cfg["labels"]["classes"])
+    with rec.timed("open"):
+        slide = open_slide(entry.image)
+        if cache_bytes is not None:
+            slide.set_cache(openslide.OpenSlideCache(cache_bytes))
+        mpp0, mpp_source = level0_mpp(slide, entry, cfg, target.cohort)
+        plan = choose_level(slide.level_downsamples, mpp0, wsi_cfg["mpp"], wsi_cfg["patch_size"],
+                            wsi_cfg["mpp_tolerance"], entry.image)
+    dims: tuple[int, int] = slide.dimensions
+    with rec.timed("mask"):
+        tm = _tissue_mask(slide, entry, mpp0, wsi_cfg)
+    with rec.timed("annotations"):
+        ann = slide_annotations(entry, dims, wsi_cfg["labels"])
+        try:
+            cov = coverage(dims, plan, tm, ann, wsi_cfg["labels"]["tumour_on_tissue"])
+        except InputError as exc:
+            raise InputError(entry.image, exc.problem) from None
+    with rec.timed("sampling"):
+        labels = label_map(cov, wsi_cfg["labels"])
+        cand = sample(labels, cov, dims, plan, wsi_cfg, slide_rng(cfg, entry.image_id), n_classes)
+    if cand.total == 0:
+        raise InputError(entry.image, "no patch meets the tissue/label thresholds (wsi.labels, wsi.tissue)")
+    attrs = {**job_mod.base_attrs(target, cfg, inputs, rec["config_hash"]),
+             **_geometry_attrs(plan, mpp_source, tm)}
+    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes)
+    slide.close()
+    rec["wsi"] = {**_wsi_summary(plan, mpp_source, tm, cand), "unsampled_groups": ann.other_groups}
+    print(f"extract-wsi {entry.image_id}: {plan.mpp:.3f} µm/px (level {plan.level}"
+          f"{', resampled' if plan.resample else ''})")
+
+
+def _geometry_attrs(plan: ReadPlan, mpp_source: str, tm: tissue.TissueMask) -> dict[str, Any]:
+    return {"patch_size": plan.patch_size, "channels": 3, "mpp": plan.mpp, "level": plan.level,
+            "downsample": plan.level_downsample, "read_size": plan.read_size, "level0_mpp": plan.level0_mpp,
+            "mpp_source": mpp_source, "resampling": "lanczos" if plan.resample else "none",
+            "tissue_threshold": tm.threshold}
+
+
+def _read_and_write(target: job_mod.Target, cfg: dict, slide: Any, plan: ReadPlan, cand: Candidates,
+                    attrs: dict, rec: JobRecord, cache_bytes: int | None) -> None:
+    """Read the candidates into the shard (atomically), recording read/write timings and rejects."""
+    # The pool is forked before the writer thread and the HDF5 file exist.
+    source = PatchSource(target.entry.image, slide, plan, cfg["wsi"]["workers"], cache_bytes)
+    try:
+        t0 = time.perf_counter()
+        with ShardWriter(target.shard, (plan.patch_size, plan.patch_size, 3), "uint8", attrs,
+                         chunk_patches=cfg["shards"]["chunk_patches"],
+                         compression=cfg["shards"]["compression"]) as writer:
+            sink = BackgroundWriter(writer)
+            try:
+                kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink)
+            finally:
+                t_read = time.perf_counter() - t0
+                sink.close()
+            if writer.n == 0:
+                raise InputError(target.entry.image, "every candidate patch was rejected as white/black/blurred "
+                                                     "(wsi.quality)")
+            writer.attrs["timings_s"] = {**rec["timings_s"], "read": t_read}
+            t_close = time.perf_counter()
+        close_s = time.perf_counter() - t_close
+    finally:
+        source.close()
+    rec["timings_s"]["read"] = t_read
+    # write = time the writer thread spent appending (overlapped with reading) + flush/fsync/rename.
+    rec["timings_s"]["write"] = sink.seconds + close_s
+    rec["timings_s"]["extract"] = time.perf_counter() - t0
+    rec["patches_read"] = n_read
+    rec["quality_rejected"] = n_read - sum(kept.values())
+
+
+def _wsi_summary(plan: ReadPlan, mpp_source: str, tm: tissue.TissueMask, cand: Candidates) -> dict[str, Any]:
+    return {"level": plan.level, "downsample": plan.level_downsample, "read_size": plan.read_size,
+            "patch_size": plan.patch_size, "mpp": plan.mpp, "level0_mpp": plan.level0_mpp,
+            "mpp_source": mpp_source, "resampled": plan.resample, "tissue_fraction": tm.fraction,
+            "tissue_threshold": tm.threshold, "candidates": cand.total}
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="effective config YAML")
+    p.add_argument("--cohort", required=True, help="cohort name (cohorts.<name> in the config)")
+    p.add_argument("--image-id", required=True, help="image_id of the manifest row")
+    p.add_argument("--out", required=True, help="shard to write (<image_id>.h5)")
+    p.add_argument("--record", required=True, help="extraction record to write (<image_id>.record.json)")
+    p.add_argument("--force", action="store_true", help="re-extract even if the shard is up to date")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    entry = manifest_entry(cfg, args.cohort, args.image_id)
+    extract_slide(entry, cfg, args.cohort, args.out, args.record, force=args.force)
+    return 0

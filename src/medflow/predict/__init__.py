@@ -1,0 +1,1 @@
+"""Trained models → predictions over whole images."""

@@ -1,0 +1,1 @@
+"""Job records → per-site summaries → reports comparing sites (Markdown, HTML, JSON, CSV, figures)."""

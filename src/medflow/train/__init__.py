@@ -1,0 +1,1 @@
+"""Shards → patient-level nested cross-validation folds → data-parallel trained models (Horovod or DDP)."""

@@ -1,0 +1,140 @@
+"""End to end: the real Snakemake DAG on a small synthetic cohort (real OpenSlide, HDF5, MPI, training)."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, VENV_BIN
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+E2E_CONFIG = ROOT / "tests" / "e2e" / "config.yaml"   # the smallest real run (README: quickest real run)
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(E2E_CONFIG), "--cores", "2", *args]
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wf")
+    t0 = time.perf_counter()
+    proc = snakemake(work)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    print(f"workflow wall time: {elapsed:.0f} s")
+    return work, work / "results" / "laptop"
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_shards_hold_labelled_patches_matching_the_index(demo_run):
+    _, res = demo_run
+    for cohort, kind in (("wsi_demo", "wsi"), ("hsi_demo", "hsi")):
+        index = read_json(res / "index" / f"{cohort}.json")
+        assert index["kind"] == kind and not index["failed"]
+        assert len(index["shards"]) == len(list((res / "shards" / cohort).glob("*.h5")))
+        for entry in index["shards"]:
+            with h5py.File(res / "index" / entry["path"], "r") as h5:
+                labels = h5["labels"][:]
+                assert h5["patches"].shape[0] == len(labels) == len(h5["coords"]) == entry["n"] > 0
+                counts = {name: int((labels == i).sum()) for i, name in enumerate(json.loads(h5.attrs["class_names"]))}
+                assert counts == entry["counts"]
+                assert h5.attrs["patient_id"] == entry["patient_id"]
+                if kind == "wsi":
+                    assert h5["patches"].shape[1:] == (224, 224, 3) and h5["patches"].dtype == np.uint8
+                    assert set(np.unique(labels)) <= {0, 1}
+                    assert max(counts.values()) <= 12                   # n per class per slide
+                else:
+                    assert h5["patches"].shape[1:] == (7, 7, 25)
+                    assert max(counts.values()) <= 40
+
+
+def test_fold_plan_keeps_each_patient_on_one_side(demo_run):
+    _, res = demo_run
+    for study in ("wsi_demo", "hsi_demo"):
+        plan = read_json(res / "folds" / f"{study}.json")
+        tested = []
+        for outer in plan["outer"]:
+            test = set(outer["test_patients"])
+            tested += sorted(test)
+            for inner in outer["inner"]:
+                train, val = set(inner["train_patients"]), set(inner["val_patients"])
+                assert not (train & val) and not (train & test) and not (val & test)
+                assert train | val == set(outer["train_patients"])
+        assert len(tested) == len(set(tested)) == 4                   # every patient tested exactly once
+
+
+def test_training_learns_and_runs_on_two_ranks(demo_run):
+    _, res = demo_run
+    for study in ("wsi_demo", "hsi_demo"):
+        for rec_path in sorted((res / "runs" / study).glob("outer*/inner*/record.json")):
+            rec = read_json(rec_path)
+            assert rec["status"] == "ok" and rec["launch"]["ranks"] == 2
+            assert rec["launch"]["launcher"] == "mpiexec"
+            with open(rec_path.parent / "curves.csv") as fh:
+                rows = list(csv.DictReader(fh))
+            losses = [float(r["train_loss"]) for r in rows]
+            assert losses[-1] < losses[0], (rec_path, losses)
+    hsi_oacc = [read_json(p)["metrics"]["test"]["oacc"] for p in (res / "runs" / "hsi_demo").glob("outer*/record.json")]
+    assert np.mean(hsi_oacc) > 1 / 5 + 0.1                              # well above chance on five classes
+
+
+def test_report_lists_the_site_with_measured_numbers(demo_run):
+    _, res = demo_run
+    md = (res / "report" / "report.md").read_text()
+    html = (res / "report" / "report.html").read_text()
+    assert "laptop" in md and "laptop" in html
+    summary = read_json(res / "summary.json")
+    assert json.dumps(summary)  # machine-readable
+    maps = list((res / "runs" / "hsi_demo").glob("outer*/maps/*.png"))
+    assert maps
+    # The numbers are the records' own: s/epoch over the train jobs, test accuracy over the outer folds.
+    table = read_json(res / "report" / "report.json")["tables"]["training"]
+    for study in ("wsi_demo", "hsi_demo"):
+        row = dict(zip(table["columns"], next(r for r in table["rows"] if r[:2] == ["laptop", study])))
+        epochs = [read_json(p)["throughput"]["s_per_epoch"] for p in (res / "runs" / study).glob("outer*/inner*/record.json")]
+        tests = [read_json(p)["metrics"]["test"]["oacc"] for p in (res / "runs" / study).glob("outer*/record.json")]
+        assert row["s_per_epoch_mean"] == pytest.approx(np.mean(epochs)) and row["s_per_epoch_mean"] > 0
+        assert row["test_oacc_mean"] == pytest.approx(np.mean(tests))
+        assert f"{row['test_oacc_mean']:.3g}" in md
+
+
+def test_rerun_after_success_does_nothing(demo_run):
+    work, _ = demo_run
+    proc = snakemake(work, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Path → sha256 of every file under ``root`` except Snakemake's own state directory."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and ".snakemake" not in p.relative_to(root).parts}
+
+
+def test_dry_run_writes_nothing(demo_run, tmp_path):
+    work, _ = demo_run
+    before = _tree(work)
+    proc = snakemake(work, "-n", "--forceall")         # every job planned, none run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rule train" in proc.stdout + proc.stderr and _tree(work) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    proc = snakemake(fresh, "-n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _tree(fresh) == {}                            # not even the effective config file
