@@ -12,6 +12,7 @@ One synthetic snapshot-mosaic frame of the real camera's size (2045×1085, 5×5 
 
     .venv/bin/python benchmarks/bench_hsi.py [--repeats 5] [--threads 1] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,9 @@ def synthetic_frame(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, n
     raw = (dark + reflect * (white - dark)).astype(np.uint16)
     gt = np.zeros((rows, cols), np.uint8)
     yy, xx = np.mgrid[:rows, :cols]
-    for c in range(5):                                    # five discs of ~3,500 px each
+    for c in range(5):  # five discs of ~3,500 px each
         cy, cx = rng.integers(40, rows - 40), rng.integers(40, cols - 40)
-        gt[(yy - cy) ** 2 + (xx - cx) ** 2 < 33 ** 2] = c + 1
+        gt[(yy - cy) ** 2 + (xx - cx) ** 2 < 33**2] = c + 1
     return raw, white, dark, gt
 
 
@@ -107,7 +108,7 @@ def main() -> None:
 
     def chain() -> np.ndarray:
         cube, t, _, _ = hsi.chain_cube(raw, hcfg, white, dark, matrix)
-        for key, value in t.items():          # each step's best (wall) over the repeats
+        for key, value in t.items():  # each step's best (wall) over the repeats
             step_s[key] = min(value, step_s.get(key, np.inf))
         return cube
 
@@ -120,6 +121,7 @@ def main() -> None:
             # as extract_image: cast the cube once when there are more patch pixels than cube pixels
             source = cube.astype(np.float16) if len(rows) * k * k > labels.size else cube
             return hsi_patches.extract_patches(source, rows, cols, k)
+
         return run
 
     n_strat, n_all = len(patches(150)()), len(patches(0)())
@@ -132,31 +134,44 @@ def main() -> None:
             np.save(folder / f"{name}.npy", arr)
         Image.fromarray(gt).save(folder / "gt.png")
         np.save(folder / "matrix.npy", matrix)
-        entry = ImageEntry(image_id="bench", patient_id="p", image=str(folder / "raw.npy"),
-                           annotation=str(folder / "gt.png"), white=str(folder / "white.npy"),
-                           dark=str(folder / "dark.npy"))
+        entry = ImageEntry(
+            image_id="bench",
+            patient_id="p",
+            image=str(folder / "raw.npy"),
+            annotation=str(folder / "gt.png"),
+            white=str(folder / "white.npy"),
+            dark=str(folder / "dark.npy"),
+        )
         ecfg = copy.deepcopy(cfg)
         ecfg["hsi"]["correction_matrix"] = str(folder / "matrix.npy")
-        counter = iter(range(10 ** 6))
+        counter = iter(range(10**6))
 
         def extract() -> dict:
-            i = next(counter)         # a new output each time: measure the work, not the up-to-date skip
-            return hsi_job.extract_image(entry, ecfg, "bench", folder / f"s{i}.h5", folder / f"s{i}.record.json",
-                                     verbose=False)
+            i = next(counter)  # a new output each time: measure the work, not the up-to-date skip
+            return hsi_job.extract_image(
+                entry, ecfg, "bench", folder / f"s{i}.h5", folder / f"s{i}.record.json", verbose=False
+            )
 
         extract_t = Best(extract, args.repeats)
         record = extract()
         prep_t = Best(lambda: hsi.process_image(entry, ecfg), args.repeats)
 
     model = models.build({"name": "conv2dnet"}, 5, 25, k).eval()
-    shard_cube = cube.astype(hcfg["dtype"])                   # what predict-hsi feeds the model
-    predict_t = Best(lambda: hsi_predict.predict_cube(model, shard_cube, k, "reflect", hcfg["predict_batch"]),
-                     max(2, args.repeats // 2))
+    shard_cube = cube.astype(hcfg["dtype"])  # what predict-hsi feeds the model
+    predict_t = Best(
+        lambda: hsi_predict.predict_cube(model, shard_cube, k, "reflect", hcfg["predict_batch"]),
+        max(2, args.repeats // 2),
+    )
     map_labels, map_probs, pred_split = hsi_predict.predict_cube(model, shard_cube, k, "reflect", hcfg["predict_batch"])
     with tempfile.TemporaryDirectory() as tmp:
         names = list(hcfg["class_names"])
-        write_t = Best(lambda: (hsi_predict.write_npz(Path(tmp) / "m.npz", map_labels, map_probs, names),
-                                hsi_predict.write_png(Path(tmp) / "m.png", "bench", map_labels, names, labels)), 2)
+        write_t = Best(
+            lambda: (
+                hsi_predict.write_npz(Path(tmp) / "m.npz", map_labels, map_probs, names),
+                hsi_predict.write_png(Path(tmp) / "m.png", "bench", map_labels, names, labels),
+            ),
+            2,
+        )
     reference = REFERENCE_PREP_S + REFERENCE_PREDICT_S
     ours = prep_t + predict_t
     pixels = cube.shape[0] * cube.shape[1]
@@ -166,43 +181,67 @@ def main() -> None:
         return f"{t.wall / copy_f32.wall:.1f}× wall, {t.cpu / copy_f32.cpu:.1f}× cpu"
 
     results = {
-        "frame": list(MOSAIC), "cube": list(cube.shape), "load_average": os.getloadavg()[0],
-        "copy_uint16": copy_u16.as_dict(), "copy_float32": copy_f32.as_dict(),
-        "chain": chain_t.as_dict(), "chain_steps_wall_s": step_s,
-        "patches_stratified": strat_t.as_dict(), "n_stratified": n_strat,
-        "patches_all": all_t.as_dict(), "n_all": n_all,
+        "frame": list(MOSAIC),
+        "cube": list(cube.shape),
+        "load_average": os.getloadavg()[0],
+        "copy_uint16": copy_u16.as_dict(),
+        "copy_float32": copy_f32.as_dict(),
+        "chain": chain_t.as_dict(),
+        "chain_steps_wall_s": step_s,
+        "patches_stratified": strat_t.as_dict(),
+        "n_stratified": n_strat,
+        "patches_all": all_t.as_dict(),
+        "n_all": n_all,
         "ratio_vs_copy": {"wall": chain_strat.wall / copy_f32.wall, "cpu": chain_strat.cpu / copy_f32.cpu},
         "ratio_all_vs_copy": {"wall": chain_all.wall / copy_f32.wall, "cpu": chain_all.cpu / copy_f32.cpu},
-        "patches_per_s_stratified": n_strat / chain_strat.wall, "patches_per_s_all": n_all / chain_all.wall,
-        "extract_job": extract_t.as_dict(), "extract_timings_s": record["timings_s"],
-        "prep": prep_t.as_dict(), "predict": predict_t.as_dict(), "predict_split_s": pred_split,
+        "patches_per_s_stratified": n_strat / chain_strat.wall,
+        "patches_per_s_all": n_all / chain_all.wall,
+        "extract_job": extract_t.as_dict(),
+        "extract_timings_s": record["timings_s"],
+        "prep": prep_t.as_dict(),
+        "predict": predict_t.as_dict(),
+        "predict_split_s": pred_split,
         "map_write": write_t.as_dict(),
-        "threads": args.threads, "px_per_s": pixels / predict_t.wall, "reference_s": reference,
+        "threads": args.threads,
+        "px_per_s": pixels / predict_t.wall,
+        "reference_s": reference,
         "speedup_vs_reference": {"wall": reference / ours.wall, "cpu": reference / ours.cpu},
     }
-    print(f"frame {MOSAIC[0]}×{MOSAIC[1]} uint16 → cube {cube.shape}; best of {args.repeats}; "
-          f"load average {results['load_average']:.1f} on {os.cpu_count()} cores")
+    print(
+        f"frame {MOSAIC[0]}×{MOSAIC[1]} uint16 → cube {cube.shape}; best of {args.repeats}; "
+        f"load average {results['load_average']:.1f} on {os.cpu_count()} cores"
+    )
     print(f"  plain copy of the frame, float32     {copy_f32.ms()}   (uint16: {copy_u16.ms()})")
     steps = "  ".join(f"{k_} {v * 1e3:.2f}" for k_, v in step_s.items())
     print(f"  chain steps (best each, wall)        {steps} ms")
     print(f"  chain, 4 steps                       {chain_t.ms()}")
     print(f"  patches, {n_strat} (150/class)          {strat_t.ms()}")
-    print(f"  chain + patches                      {chain_strat.ms()}  = {ratio(chain_strat)} the copy "
-          f"(target ≤ 10×); {results['patches_per_s_stratified']:,.0f} patches/s")
+    print(
+        f"  chain + patches                      {chain_strat.ms()}  = {ratio(chain_strat)} the copy "
+        f"(target ≤ 10×); {results['patches_per_s_stratified']:,.0f} patches/s"
+    )
     print(f"  patches, all {n_all} labelled      {all_t.ms()}")
-    print(f"  chain + all patches                  {chain_all.ms()}  = {ratio(chain_all)} the copy; "
-          f"{results['patches_per_s_all']:,.0f} patches/s")
-    print(f"  extract-hsi job (load .npy/.png + sha256, chain, {record['n_patches']} patches, float16 shard, fsync) "
-          f"{extract_t.ms()}\n    record timings "
-          f"{json.dumps({k_: round(v * 1e3, 2) for k_, v in record['timings_s'].items()})} ms")
+    print(
+        f"  chain + all patches                  {chain_all.ms()}  = {ratio(chain_all)} the copy; "
+        f"{results['patches_per_s_all']:,.0f} patches/s"
+    )
+    print(
+        f"  extract-hsi job (load .npy/.png + sha256, chain, {record['n_patches']} patches, float16 shard, fsync) "
+        f"{extract_t.ms()}\n    record timings "
+        f"{json.dumps({k_: round(v * 1e3, 2) for k_, v in record['timings_s'].items()})} ms"
+    )
     print(f"prediction: conv2dnet, {args.threads} CPU thread(s), {pixels} px, batch {hcfg['predict_batch']}")
     print(f"  data preparation (load + chain)      {prep_t.ms()}")
-    print(f"  map prediction                       {predict_t.ms()}  (windows {pred_split['patches']:.3f} s, "
-          f"model {pred_split['predict']:.3f} s), {results['px_per_s']:,.0f} px/s")
+    print(
+        f"  map prediction                       {predict_t.ms()}  (windows {pred_split['patches']:.3f} s, "
+        f"model {pred_split['predict']:.3f} s), {results['px_per_s']:,.0f} px/s"
+    )
     print(f"  writing the map (.npz + .png)        {write_t.ms()}  (not in the comparison below)")
-    print(f"  total {ours.wall:.3f} s wall / {ours.cpu:.3f} s cpu vs reference {REFERENCE_PREP_S} + "
-          f"{REFERENCE_PREDICT_S} = {reference:.1f} s → {reference / ours.wall:.1f}× wall, "
-          f"{reference / ours.cpu:.1f}× cpu faster (target ≥ 10×)")
+    print(
+        f"  total {ours.wall:.3f} s wall / {ours.cpu:.3f} s cpu vs reference {REFERENCE_PREP_S} + "
+        f"{REFERENCE_PREDICT_S} = {reference:.1f} s → {reference / ours.wall:.1f}× wall, "
+        f"{reference / ours.cpu:.1f}× cpu faster (target ≥ 10×)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -20,6 +20,7 @@ other jobs' time slices). Wall-clock numbers are printed too.
 
     .venv/bin/python benchmarks/bench_loader.py [--n 3000] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,7 +82,7 @@ def consume(batches: Iterable) -> int:
 
 def shuffled_batches(n: int, seed: int) -> list[np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    return [np.sort(perm[lo:lo + BATCH]) for lo in range(0, n, BATCH)]
+    return [np.sort(perm[lo : lo + BATCH]) for lo in range(0, n, BATCH)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         rng = np.random.default_rng(0)
         per = -(-args.n // args.shards)
-        images = {f"img{i}": (f"P{i}", rng.integers(0, 2, size=min(per, args.n - i * per)).tolist())
-                  for i in range(args.shards)}
-        index_path = write_synthetic_cohort(root, images, ["normal", "tumour"], patch_shape=PATCH,
-                                                 chunk_patches=args.chunk, make_patches=tissue_like)
+        images = {
+            f"img{i}": (f"P{i}", rng.integers(0, 2, size=min(per, args.n - i * per)).tolist())
+            for i in range(args.shards)
+        }
+        index_path = write_synthetic_cohort(
+            root, images, ["normal", "tumour"], patch_shape=PATCH, chunk_patches=args.chunk, make_patches=tissue_like
+        )
         index = shards.load_index(index_path)
         pset = PatchSet(index, [p for p, _ in images.values()])
         n = len(pset)
@@ -117,9 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(everything[i]).save(png_dir / f"{i:06d}.png")
         del everything
         results = run_all(index, [p for p, _ in images.values()], pset, npy, png_dir, min(args.png, n), args.repeats)
-        results.update(n=n, chunk_patches=args.chunk, batch=BATCH, patch=list(PATCH),
-                       shard_bytes=sum(s["bytes"] for s in index["shards"]),
-                       png_bytes_per_patch=sum(f.stat().st_size for f in png_dir.iterdir()) / min(args.png, n))
+        results.update(
+            n=n,
+            chunk_patches=args.chunk,
+            batch=BATCH,
+            patch=list(PATCH),
+            shard_bytes=sum(s["bytes"] for s in index["shards"]),
+            png_bytes_per_patch=sum(f.stat().st_size for f in png_dir.iterdir()) / min(args.png, n),
+        )
         pset.close()
 
     print_results(results)
@@ -130,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def run_all(index: dict, patients: list[str], pset: PatchSet, npy: Path, png_dir: Path,
-            n_png: int, repeats: int) -> dict:
+def run_all(
+    index: dict, patients: list[str], pset: PatchSet, npy: Path, png_dir: Path, n_png: int, repeats: int
+) -> dict:
     n = len(pset)
     methods: dict[str, Callable[[int], int]] = {}
 
@@ -139,24 +149,30 @@ def run_all(index: dict, patients: list[str], pset: PatchSet, npy: Path, png_dir
         def epoch(r: int) -> int:
             loader.set_epoch(r)
             return consume(x for x, _ in loader)
+
         return epoch
 
     methods["medflow-stream"] = loader_epochs(data.make_loader(pset, batch_size=BATCH, seed=0, preload=False))
     methods["medflow-stream-win16"] = loader_epochs(
-        data.make_loader(pset, batch_size=BATCH, seed=0, preload=False, window_chunks=16))
+        data.make_loader(pset, batch_size=BATCH, seed=0, preload=False, window_chunks=16)
+    )
     # The h5py whole-chunk path (what compressed shards use); its chunk LRU is sized by the loader.
     h5set = PatchSet(index, patients, io="h5py", cache_bytes=0)
     methods["medflow-h5py-win16"] = loader_epochs(
-        data.make_loader(h5set, batch_size=BATCH, seed=0, preload=False, window_chunks=16))
-    ram_set = PatchSet(index, patients)   # its own set: preloading must not change the others
+        data.make_loader(h5set, batch_size=BATCH, seed=0, preload=False, window_chunks=16)
+    )
+    ram_set = PatchSet(index, patients)  # its own set: preloading must not change the others
     methods["medflow-preload"] = loader_epochs(data.make_loader(ram_set, batch_size=BATCH, seed=0, preload=True))
 
-    chunk_bounds = [(sid, lo) for sid, (ln, c) in enumerate(zip(pset.shard_len, pset.chunk_rows))
-                    for lo in range(0, ln, c)]
+    chunk_bounds = [
+        (sid, lo) for sid, (ln, c) in enumerate(zip(pset.shard_len, pset.chunk_rows)) for lo in range(0, ln, c)
+    ]
 
     def whole_chunks(r: int) -> int:
-        return consume(h5set._dataset(chunk_bounds[k][0])[chunk_bounds[k][1]:chunk_bounds[k][1] + h5set.chunk_rows[0]]
-                       for k in np.random.default_rng(r).permutation(len(chunk_bounds)))
+        return consume(
+            h5set._dataset(chunk_bounds[k][0])[chunk_bounds[k][1] : chunk_bounds[k][1] + h5set.chunk_rows[0]]
+            for k in np.random.default_rng(r).permutation(len(chunk_bounds))
+        )
 
     methods["h5-whole-chunks"] = whole_chunks
     mm = np.load(npy, mmap_mode="r")
@@ -174,8 +190,10 @@ def run_all(index: dict, patients: list[str], pset: PatchSet, npy: Path, png_dir
     files = sorted(png_dir.iterdir())
 
     def png_epoch(r: int) -> int:
-        return consume(np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in idx])
-                       for idx in shuffled_batches(n_png, r))
+        return consume(
+            np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in idx])
+            for idx in shuffled_batches(n_png, r)
+        )
 
     methods["png-folder"] = png_epoch
     timed = best_epochs(methods, repeats)
@@ -193,28 +211,34 @@ def run_all(index: dict, patients: list[str], pset: PatchSet, npy: Path, png_dir
         ms = {**timed[clock], **fancy[clock]}
         s = ms["medflow-stream"]
         out[f"ms_per_patch_{clock}"] = {k: round(v, 5) for k, v in ms.items()}
-        out[f"ratios_{clock}"] = {"stream_vs_mmap": round(ms["mmap-npy"] / s, 3),
-                                  "stream_vs_png": round(ms["png-folder"] / s, 1),
-                                  "fancy_vs_stream": round(ms["h5-fancy"] / s, 1),
-                                  "stream_vs_whole_chunks": round(ms["h5-whole-chunks"] / s, 3),
-                                  "h5py_path_vs_mmap": round(ms["mmap-npy"] / ms["medflow-h5py-win16"], 3),
-                                  "stream_vs_mmap_dropped": round(ms["mmap-npy-dropped"] / s, 3)}
+        out[f"ratios_{clock}"] = {
+            "stream_vs_mmap": round(ms["mmap-npy"] / s, 3),
+            "stream_vs_png": round(ms["png-folder"] / s, 1),
+            "fancy_vs_stream": round(ms["h5-fancy"] / s, 1),
+            "stream_vs_whole_chunks": round(ms["h5-whole-chunks"] / s, 3),
+            "h5py_path_vs_mmap": round(ms["mmap-npy"] / ms["medflow-h5py-win16"], 3),
+            "stream_vs_mmap_dropped": round(ms["mmap-npy-dropped"] / s, 3),
+        }
     return out
 
 
 def print_results(res: dict) -> None:
-    print(f"{res['n']} patches {tuple(res['patch'])} uint8, chunk {res['chunk_patches']}, batch {res['batch']}; "
-          f"PNG {res['png_bytes_per_patch'] / 1024:.0f} KiB/patch; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{res['n']} patches {tuple(res['patch'])} uint8, chunk {res['chunk_patches']}, batch {res['batch']}; "
+        f"PNG {res['png_bytes_per_patch'] / 1024:.0f} KiB/patch; load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"  {'method':<21} {'wall ms/patch':>13} {'CPU ms/patch':>13}")
     for name, value in res["ms_per_patch_wall"].items():
         print(f"  {name:<21} {value:13.4f} {res['ms_per_patch_cpu'][name]:13.4f}")
     for clock in ("cpu", "wall"):
         r = res[f"ratios_{clock}"]
-        print(f"[{clock}] medflow-stream vs mmap-npy {r['stream_vs_mmap']:.2f}× (target ≥ 0.8), "
-              f"vs PNG folder {r['stream_vs_png']:.1f}× (target ≥ 25), h5py fancy indexing "
-              f"{r['fancy_vs_stream']:.0f}× slower, h5py path vs mmap-npy {r['h5py_path_vs_mmap']:.2f}×, "
-              f"vs raw whole-chunk reads {r['stream_vs_whole_chunks']:.2f}×, "
-              f"vs mmap-npy-dropped {r['stream_vs_mmap_dropped']:.2f}×")
+        print(
+            f"[{clock}] medflow-stream vs mmap-npy {r['stream_vs_mmap']:.2f}× (target ≥ 0.8), "
+            f"vs PNG folder {r['stream_vs_png']:.1f}× (target ≥ 25), h5py fancy indexing "
+            f"{r['fancy_vs_stream']:.0f}× slower, h5py path vs mmap-npy {r['h5py_path_vs_mmap']:.2f}×, "
+            f"vs raw whole-chunk reads {r['stream_vs_whole_chunks']:.2f}×, "
+            f"vs mmap-npy-dropped {r['stream_vs_mmap_dropped']:.2f}×"
+        )
     print(f"h5py-path chunk reads per epoch {res['chunk_reads_per_epoch']:.0f}")
 
 

@@ -13,6 +13,7 @@ round, so load from other processes on a shared node hits them alike. Prints eve
 
     .venv/bin/python benchmarks/bench_train.py [--models resnet18 conv2dnet] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,20 @@ SETUPS = {
 def make_cohort(root: Path, model: str, n: int) -> str:
     _, shape, dtype, _ = SETUPS[model]
     per_image = n // 4
-    images = {f"{model}{i}": (f"P{i}", [i % 2] * (per_image // 2) + [1 - i % 2] * (per_image - per_image // 2))
-              for i in range(4)}
-    return write_synthetic_cohort(root / model, images, ["normal", "tumour"], patch_shape=shape,
-                                       dtype=dtype, chunk_patches=32, cohort=model,
-                                       kind="wsi" if dtype == "uint8" else "hsi")
+    images = {
+        f"{model}{i}": (f"P{i}", [i % 2] * (per_image // 2) + [1 - i % 2] * (per_image - per_image // 2))
+        for i in range(4)
+    }
+    return write_synthetic_cohort(
+        root / model,
+        images,
+        ["normal", "tumour"],
+        patch_shape=shape,
+        dtype=dtype,
+        chunk_patches=32,
+        cohort=model,
+        kind="wsi" if dtype == "uint8" else "hsi",
+    )
 
 
 def build(model: str, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -116,8 +126,11 @@ def loader_vs_memory(index: str, model: str, steps: int, repeats: int) -> dict:
         for name, source in sources.items():
             best[name] = min(best[name], timed_steps(net, opt, source, steps))
     ips = {k: steps * batch / v for k, v in best.items()}
-    return {"img_per_s": ips, **{f"ratio_{name}": ips[name] / ips["memory"] for name in loaders},
-            "load_ms_per_patch_stream": loaders["stream"].load_ms_per_patch}
+    return {
+        "img_per_s": ips,
+        **{f"ratio_{name}": ips[name] / ips["memory"] for name in loaders},
+        "load_ms_per_patch_stream": loaders["stream"].load_ms_per_patch,
+    }
 
 
 # ---- 2. scaling (worker runs under mpiexec) -------------------------------------------------------
@@ -126,27 +139,35 @@ def worker(args: argparse.Namespace) -> None:
     _, _, _, batch = SETUPS[args.model]
     index = load_index(args.index)
     pset = PatchSet(index, [s["patient_id"] for s in index["shards"]])
-    loader = make_loader(pset, batch_size=batch, rank=d.rank, world_size=d.size, seed=1,
-                              augment="dihedral", drop_last=True)
+    loader = make_loader(
+        pset, batch_size=batch, rank=d.rank, world_size=d.size, seed=1, augment="dihedral", drop_last=True
+    )
     net, opt = build(args.model, d.device)
     wrapped = d.wrap_model(net)
     opt = d.wrap_optimizer(opt, net)
     d.broadcast_state(net, opt)
 
     source = endless(loader)
-    timed_steps(wrapped, opt, source, 2)          # warm-up: DDP bucket rebuild, Horovod negotiation
+    timed_steps(wrapped, opt, source, 2)  # warm-up: DDP bucket rebuild, Horovod negotiation
     d.barrier()
     cpu0 = time.process_time()
     elapsed = timed_steps(wrapped, opt, source, args.steps)
-    cpu_s = time.process_time() - cpu0      # all threads of this rank, incl. Horovod's background thread
+    cpu_s = time.process_time() - cpu0  # all threads of this rank, incl. Horovod's background thread
     d.barrier()
     per_rank = d.allreduce_sum([0.0] * d.rank + [elapsed] + [0.0] * (d.size - d.rank - 1))
     cpu_total = float(d.allreduce_sum([cpu_s])[0])
     images = d.size * batch * args.steps
     if d.is_root:
-        Path(args.out).write_text(json.dumps({"ranks": d.size, "backend": d.backend,
-                                              "img_per_s": images / float(per_rank.max()),
-                                              "cpu_ms_per_img": 1000.0 * cpu_total / images}))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "ranks": d.size,
+                    "backend": d.backend,
+                    "img_per_s": images / float(per_rank.max()),
+                    "cpu_ms_per_img": 1000.0 * cpu_total / images,
+                }
+            )
+        )
     d.shutdown()
 
 
@@ -157,8 +178,21 @@ def mpi_cmd(n: int) -> list[str]:
 
 def launch(n: int, backend: str, model: str, index: str, steps: int, tmp: Path) -> dict:
     out = tmp / f"scale-{backend}-{model}-{n}.json"
-    cmd = mpi_cmd(n) + [sys.executable, __file__, "--worker", "--backend", backend, "--model", model,
-                        "--index", index, "--steps", str(steps), "--out", str(out)]
+    cmd = mpi_cmd(n) + [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--backend",
+        backend,
+        "--model",
+        model,
+        "--index",
+        index,
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     return json.loads(out.read_text())
@@ -175,8 +209,14 @@ def scaling(backends: list[str], model: str, index: str, steps: int, repeats: in
                 res = launch(n, backend, model, index, steps, tmp)
                 ips[n] = max(ips[n], res["img_per_s"])
                 cpu[n] = min(cpu[n], res["cpu_ms_per_img"])
-        out[backend] = {"img_per_s_1": ips[1], "img_per_s_2": ips[2], "efficiency": ips[2] / (2 * ips[1]),
-                        "cpu_ms_per_img_1": cpu[1], "cpu_ms_per_img_2": cpu[2], "cpu_efficiency": cpu[1] / cpu[2]}
+        out[backend] = {
+            "img_per_s_1": ips[1],
+            "img_per_s_2": ips[2],
+            "efficiency": ips[2] / (2 * ips[1]),
+            "cpu_ms_per_img_1": cpu[1],
+            "cpu_ms_per_img_2": cpu[2],
+            "cpu_efficiency": cpu[1] / cpu[2],
+        }
     return out
 
 
@@ -237,20 +277,29 @@ def main() -> None:
             steps = args.steps or (12 if model == "resnet18" else 200)
             index = make_cohort(tmp, model, args.n)
             lm = loader_vs_memory(index, model, steps, args.repeats)
-            ratios = ", ".join(f"{name} {lm['img_per_s'][name]:.1f} ({lm['ratio_' + name]:.3f}×)"
-                               for name in ("stream", "preload", "preload_noaug"))
-            print(f"[{model}] loader vs memory: memory {lm['img_per_s']['memory']:.1f} img/s, {ratios}"
-                  "  target ≥ 0.95×", flush=True)
+            ratios = ", ".join(
+                f"{name} {lm['img_per_s'][name]:.1f} ({lm['ratio_' + name]:.3f}×)"
+                for name in ("stream", "preload", "preload_noaug")
+            )
+            print(
+                f"[{model}] loader vs memory: memory {lm['img_per_s']['memory']:.1f} img/s, {ratios}  target ≥ 0.95×",
+                flush=True,
+            )
             sc = scaling(args.backends, model, index, steps, max(2, args.repeats - 1), tmp)
             for backend, s in sc.items():
-                print(f"[{model}] {backend}: 1 rank {s['img_per_s_1']:.1f} img/s, 2 ranks {s['img_per_s_2']:.1f} img/s, "
-                      f"scaling efficiency {s['efficiency']:.3f}  target ≥ 0.85; CPU ms/img {s['cpu_ms_per_img_1']:.2f} "
-                      f"vs {s['cpu_ms_per_img_2']:.2f}, CPU efficiency {s['cpu_efficiency']:.3f}", flush=True)
+                print(
+                    f"[{model}] {backend}: 1 rank {s['img_per_s_1']:.1f} img/s, 2 ranks {s['img_per_s_2']:.1f} img/s, "
+                    f"scaling efficiency {s['efficiency']:.3f}  target ≥ 0.85; CPU ms/img {s['cpu_ms_per_img_1']:.2f} "
+                    f"vs {s['cpu_ms_per_img_2']:.2f}, CPU efficiency {s['cpu_efficiency']:.3f}",
+                    flush=True,
+                )
             results[model] = {"loader_vs_memory": lm, "scaling": sc}
     gpu = gpu_resnet50()
     if gpu:
-        print(f"[resnet50 GPU] {gpu['device']}: {gpu['img_per_s']:.0f} img/s AMP+channels_last "
-              f"({gpu['ratio_to_a100_reference']:.2f}× the A100 reference 2,470)")
+        print(
+            f"[resnet50 GPU] {gpu['device']}: {gpu['img_per_s']:.0f} img/s AMP+channels_last "
+            f"({gpu['ratio_to_a100_reference']:.2f}× the A100 reference 2,470)"
+        )
     else:
         print("[resnet50 GPU] no CUDA device: skipped")
     results["gpu_resnet50"] = gpu

@@ -14,6 +14,7 @@ an explicit 0.25 µm/px is given) when present, else a synthetic pyramid. Usage:
 
     .venv/bin/python benchmarks/bench_wsi.py [--patches 1000] [--repeats 3] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,13 +83,21 @@ print(json.dumps({"same_coords_per_s": len(coords) / same, "kept": kept,
 def bench_medflow(entry: ImageEntry, cfg: dict, work: Path, cache_bytes: int | None) -> dict:
     out = work / f"{entry.image_id}.h5"
     t0, c0 = time.perf_counter(), time.process_time()
-    with contextlib.redirect_stdout(io.StringIO()):      # the job's one-line summary
-        rec = wsi.extract_slide(entry, cfg, "bench", out, work / f"{entry.image_id}.record.json",
-                                cache_bytes=cache_bytes, force=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the job's one-line summary
+        rec = wsi.extract_slide(
+            entry, cfg, "bench", out, work / f"{entry.image_id}.record.json", cache_bytes=cache_bytes, force=True
+        )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = rec["n_patches"]
-    return {"n": n, "end_to_end_per_s": n / wall, "cpu_ms_per_patch": 1e3 * cpu / n, "phase_per_s": rec["throughput"]["patches_per_s"],
-            "timings_s": rec["timings_s"], "shard": out, "reads": rec["patches_read"]}
+    return {
+        "n": n,
+        "end_to_end_per_s": n / wall,
+        "cpu_ms_per_patch": 1e3 * cpu / n,
+        "phase_per_s": rec["throughput"]["patches_per_s"],
+        "timings_s": rec["timings_s"],
+        "shard": out,
+        "reads": rec["patches_read"],
+    }
 
 
 def _bare_read(path: str, level: int, size: int, coords: np.ndarray, cache_bytes: int | None) -> tuple[float, float]:
@@ -103,8 +112,9 @@ def _bare_read(path: str, level: int, size: int, coords: np.ndarray, cache_bytes
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_bare(path: str, level: int, size: int, coords: np.ndarray, cache_bytes: int | None,
-               processes: int = 1) -> tuple[float, float | None]:
+def bench_bare(
+    path: str, level: int, size: int, coords: np.ndarray, cache_bytes: int | None, processes: int = 1
+) -> tuple[float, float | None]:
     """(patches/s, CPU ms/patch) of plain read_region loops (``processes`` on disjoint parts; wall time)."""
     if processes == 1:
         wall, cpu = _bare_read(path, level, size, coords, cache_bytes)
@@ -124,8 +134,20 @@ def bench_histolab(path: str, level: int, size: int, coords: np.ndarray, work: P
     if probe.returncode:
         return f"histolab not importable: {probe.stderr.strip().splitlines()[-1:]}"
     np.save(work / "coords.npy", coords)
-    run = subprocess.run([str(HISTOLAB_PYTHON), "-c", HISTOLAB_SCRIPT, path, str(size), str(level),
-                          str(work / "coords.npy"), str(n_random)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            str(HISTOLAB_PYTHON),
+            "-c",
+            HISTOLAB_SCRIPT,
+            path,
+            str(size),
+            str(level),
+            str(work / "coords.npy"),
+            str(n_random),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode:
         return f"histolab failed: {run.stderr.strip()[-300:]}"
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -137,8 +159,10 @@ def slides(work: Path) -> list[tuple[ImageEntry, float | None]]:
     cmu = SHARED / "cmu1_small_region" / "CMU-1-Small-Region.svs"
     tcga = SHARED / "tcga_cr7395_svs" / "tcga-cr-7395-01a-01-ts1.svs"
     if cmu.is_file() and tcga.is_file():
-        return [(ImageEntry("cmu1_small_region", "p0", str(cmu)), None),
-                (ImageEntry("tcga_cr7395", "p1", str(tcga), mpp=0.25), 0.25)]
+        return [
+            (ImageEntry("cmu1_small_region", "p0", str(cmu)), None),
+            (ImageEntry("tcga_cr7395", "p1", str(tcga), mpp=0.25), 0.25),
+        ]
     rgb, polygons = make_slide(np.random.default_rng(0), 4096, 3072, 0.5)
     path = work / "synthetic.tiff"
     write_pyramid_tiff(path, rgb, mpp=0.5)
@@ -150,8 +174,14 @@ def bench_config(per_class: int, level0_mpp: float, workers: int) -> dict:
     with open(ROOT / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
     cfg["cohorts"] = {"bench": {"kind": "wsi", "manifest": "unused.csv"}}
-    cfg["wsi"].update({"mpp": level0_mpp, "patch_size": 224, "workers": workers,
-                       "sampling": {"mode": "random", "per_class": per_class}})
+    cfg["wsi"].update(
+        {
+            "mpp": level0_mpp,
+            "patch_size": 224,
+            "workers": workers,
+            "sampling": {"mode": "random", "per_class": per_class},
+        }
+    )
     return config_mod.validate(cfg)
 
 
@@ -182,18 +212,27 @@ def run_slide(entry: ImageEntry, mpp: float | None, args: argparse.Namespace, wo
             r2 = bench_medflow(entry, bench_config(args.patches, level0_mpp, 2), work, cache_bytes)
             a2.append(r2["end_to_end_per_s"])
             b2.append(bench_bare(entry.image, level, size, coords, cache_bytes, processes=2)[0])
-        res[cache_label] = {"n": int(len(coords)), "a_medflow_per_s": median(a1), "a_phase_per_s": median(a1_phase),
-                            "b_bare_per_s": median(b1), "a_2workers_per_s": median(a2), "b_2proc_per_s": median(b2),
-                            "last_timings_s": r["timings_s"], "reads": r["reads"],
-                            # ratios of back-to-back runs cancel slow drifts of a shared machine's load
-                            "paired_a_b": median([a / b for a, b in zip(a1, b1)]),
-                            "paired_a2_b2": median([a / b for a, b in zip(a2, b2)]),
-                            "paired_a2_a1": median([x / y for x, y in zip(a2, a1)]),
-                            "a_cpu_ms_per_patch": median(a_cpu), "b_cpu_ms_per_patch": median(b_cpu),
-                            "raw": {"a": a1, "b": b1, "a2": a2, "b2": b2, "a_cpu_ms": a_cpu, "b_cpu_ms": b_cpu}}
+        res[cache_label] = {
+            "n": int(len(coords)),
+            "a_medflow_per_s": median(a1),
+            "a_phase_per_s": median(a1_phase),
+            "b_bare_per_s": median(b1),
+            "a_2workers_per_s": median(a2),
+            "b_2proc_per_s": median(b2),
+            "last_timings_s": r["timings_s"],
+            "reads": r["reads"],
+            # ratios of back-to-back runs cancel slow drifts of a shared machine's load
+            "paired_a_b": median([a / b for a, b in zip(a1, b1)]),
+            "paired_a2_b2": median([a / b for a, b in zip(a2, b2)]),
+            "paired_a2_a1": median([x / y for x, y in zip(a2, a1)]),
+            "a_cpu_ms_per_patch": median(a_cpu),
+            "b_cpu_ms_per_patch": median(b_cpu),
+            "raw": {"a": a1, "b": b1, "a2": a2, "b2": b2, "a_cpu_ms": a_cpu, "b_cpu_ms": b_cpu},
+        }
     if args.histolab:
-        res["histolab"] = bench_histolab(entry.image, level, size, coords[: args.histolab_patches], work,
-                                         args.histolab_random)
+        res["histolab"] = bench_histolab(
+            entry.image, level, size, coords[: args.histolab_patches], work, args.histolab_random
+        )
     return res
 
 
@@ -203,28 +242,46 @@ def report(res: dict) -> None:
         if label not in res:
             continue
         r = res[label]
-        print(f"  [{label}] n={r['n']} stored; medflow read {r['reads']} (the rest rejected as white/black)"
-              f"; medians of the repeats")
-        print(f"    (a) medflow end to end, 1 worker : {r['a_medflow_per_s']:8.1f} patches/s"
-              f"   (read+write phase {r['a_phase_per_s']:.1f}/s)")
+        print(
+            f"  [{label}] n={r['n']} stored; medflow read {r['reads']} (the rest rejected as white/black)"
+            f"; medians of the repeats"
+        )
+        print(
+            f"    (a) medflow end to end, 1 worker : {r['a_medflow_per_s']:8.1f} patches/s"
+            f"   (read+write phase {r['a_phase_per_s']:.1f}/s)"
+        )
         print(f"    (b) bare read_region loop        : {r['b_bare_per_s']:8.1f} patches/s")
-        print(f"        ratio a/b = {r['a_medflow_per_s'] / r['b_bare_per_s']:.2f}   "
-              f"(phase/b = {r['a_phase_per_s'] / r['b_bare_per_s']:.2f}; median of paired runs a/b = {r['paired_a_b']:.2f})")
-        print(f"        CPU ms/patch (all threads; load-independent): a {r['a_cpu_ms_per_patch']:.2f}, "
-              f"b {r['b_cpu_ms_per_patch']:.2f} → b/a = {r['b_cpu_ms_per_patch'] / r['a_cpu_ms_per_patch']:.2f}")
-        print(f"    (a) medflow, 2 workers           : {r['a_2workers_per_s']:8.1f} patches/s "
-              f"(×{r['a_2workers_per_s'] / r['a_medflow_per_s']:.2f} vs 1 worker)")
-        print(f"    (b) bare loop, 2 processes       : {r['b_2proc_per_s']:8.1f} patches/s "
-              f"→ ratio a/b (2 procs) = {r['a_2workers_per_s'] / r['b_2proc_per_s']:.2f} (paired {r['paired_a2_b2']:.2f})")
-        print("        stage timings of the last (a) run: "
-              + ", ".join(f"{k} {v:.3f}s" for k, v in r["last_timings_s"].items()))
+        print(
+            f"        ratio a/b = {r['a_medflow_per_s'] / r['b_bare_per_s']:.2f}   "
+            f"(phase/b = {r['a_phase_per_s'] / r['b_bare_per_s']:.2f}; median of paired runs a/b = {r['paired_a_b']:.2f})"
+        )
+        print(
+            f"        CPU ms/patch (all threads; load-independent): a {r['a_cpu_ms_per_patch']:.2f}, "
+            f"b {r['b_cpu_ms_per_patch']:.2f} → b/a = {r['b_cpu_ms_per_patch'] / r['a_cpu_ms_per_patch']:.2f}"
+        )
+        print(
+            f"    (a) medflow, 2 workers           : {r['a_2workers_per_s']:8.1f} patches/s "
+            f"(×{r['a_2workers_per_s'] / r['a_medflow_per_s']:.2f} vs 1 worker)"
+        )
+        print(
+            f"    (b) bare loop, 2 processes       : {r['b_2proc_per_s']:8.1f} patches/s "
+            f"→ ratio a/b (2 procs) = {r['a_2workers_per_s'] / r['b_2proc_per_s']:.2f} (paired {r['paired_a2_b2']:.2f})"
+        )
+        print(
+            "        stage timings of the last (a) run: "
+            + ", ".join(f"{k} {v:.3f}s" for k, v in r["last_timings_s"].items())
+        )
     h = res.get("histolab")
     if isinstance(h, dict):
         a = res["cache default"]["a_medflow_per_s"]
-        print(f"  (c) histolab extract_tile + tissue check, same coords: {h['same_coords_per_s']:.1f} tiles/s"
-              f" → ratio a/c = {a / h['same_coords_per_s']:.1f}")
-        print(f"      histolab RandomTiler ({h['n_random']} tiles, own coords, PNG files): "
-              f"{h['random_tiler_per_s']:.1f} tiles/s → ratio a/c = {a / h['random_tiler_per_s']:.1f}")
+        print(
+            f"  (c) histolab extract_tile + tissue check, same coords: {h['same_coords_per_s']:.1f} tiles/s"
+            f" → ratio a/c = {a / h['same_coords_per_s']:.1f}"
+        )
+        print(
+            f"      histolab RandomTiler ({h['n_random']} tiles, own coords, PNG files): "
+            f"{h['random_tiler_per_s']:.1f} tiles/s → ratio a/c = {a / h['random_tiler_per_s']:.1f}"
+        )
     elif h is not None:
         print(f"  (c) skipped: {h}")
 

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests that need ../shared/data skip cleanly when it is absent (a user's clone)."""
+
 from __future__ import annotations
 
 import copy

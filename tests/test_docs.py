@@ -1,4 +1,5 @@
 """The docs name only what exists: every `medflow.x.y` they cite imports, every repository path they cite is there."""
+
 from __future__ import annotations
 
 import importlib
@@ -10,7 +11,7 @@ from conftest import ROOT
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 NAME = re.compile(r"\bmedflow(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
-FILE_NAMES = {"medflow.sif", "medflow.def"}           # container image files, not modules
+FILE_NAMES = {"medflow.sif", "medflow.def"}  # container image files, not modules
 REPO_PATH = re.compile(r"`((?:src|tests|docs|workflow|slurm|containers|benchmarks|\.ci)/[A-Za-z0-9_./-]+)`")
 
 
@@ -52,7 +53,7 @@ def test_cited_repository_path_exists(doc: str, path: str) -> None:
 def test_architecture_lists_every_module() -> None:
     """docs/architecture.md's tree names each module of src/medflow (one line per module)."""
     text = (ROOT / "docs" / "architecture.md").read_text()
-    tree = text[text.index("src/medflow/"):text.index("**Layers**")]
+    tree = text[text.index("src/medflow/") : text.index("**Layers**")]
     modules = sorted(p.name for p in (ROOT / "src" / "medflow").rglob("*.py") if p.name != "__init__.py")
     missing = [m for m in modules if not re.search(rf"^\s+{re.escape(m)}\s", tree, re.M)]
     assert not missing, f"modules missing from the tree in docs/architecture.md: {missing}"

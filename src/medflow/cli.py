@@ -5,6 +5,7 @@ and is imported only when its command runs, so `medflow synth` does not pay for 
 (measured on 2 cores: `medflow.train.fold` 2.9–3.3 s, `medflow.demo.cohort` 0.35–0.57 s).
 Bad input (`InputError`) is one line ``medflow <cmd>: error: <file>: <problem>`` and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """medflow bench: real quick measurements, and --check against ReFrame-style reference bands."""
+
 from __future__ import annotations
 
 import copy
@@ -68,8 +69,10 @@ def test_check_fails_above_measured(measured, capsys):
 def test_check_passes_inside_band(measured, capsys):
     path, result, ctx = measured
     m = result["metrics"]
-    refs = {"hsi.images_per_s": {"value": m["hsi.images_per_s"] * 1.1, "lower": -0.2, "upper": 0.2},
-            "hdf5.ms_per_patch": {"value": m["hdf5.ms_per_patch"], "lower": -0.05, "upper": 0.05}}
+    refs = {
+        "hsi.images_per_s": {"value": m["hsi.images_per_s"] * 1.1, "lower": -0.2, "upper": 0.2},
+        "hdf5.ms_per_patch": {"value": m["hdf5.ms_per_patch"], "lower": -0.05, "upper": 0.05},
+    }
     cfg_path = _cfg_with(ctx["cfg"], ctx["tmp"], "inside.yaml", refs)
     code = cli.main(["bench", "--config", str(cfg_path), "--check", "--from-results", str(path)])
     assert code == 0
@@ -79,10 +82,12 @@ def test_check_passes_inside_band(measured, capsys):
 def test_check_names_each_failing_metric(measured, capsys):
     path, result, ctx = measured
     m = result["metrics"]
-    refs = {"hdf5.read_mb_per_s": {"value": m["hdf5.read_mb_per_s"] * 2, "lower": -0.2},      # measured below band
-            "hdf5.ms_per_patch": {"value": m["hdf5.ms_per_patch"] / 3, "upper": 0.5},        # measured above band
-            "hsi.images_per_s": {"value": m["hsi.images_per_s"], "lower": -0.01, "upper": None},
-            "train.resnet18.img_per_s.r1": {"value": 10.0}}                                   # not measured
+    refs = {
+        "hdf5.read_mb_per_s": {"value": m["hdf5.read_mb_per_s"] * 2, "lower": -0.2},  # measured below band
+        "hdf5.ms_per_patch": {"value": m["hdf5.ms_per_patch"] / 3, "upper": 0.5},  # measured above band
+        "hsi.images_per_s": {"value": m["hsi.images_per_s"], "lower": -0.01, "upper": None},
+        "train.resnet18.img_per_s.r1": {"value": 10.0},
+    }  # not measured
     cfg_path = _cfg_with(ctx["cfg"], ctx["tmp"], "mixed.yaml", refs)
     code = cli.main(["bench", "--config", str(cfg_path), "--out", str(path), "--check", "--from-results", str(path)])
     err = capsys.readouterr().err
@@ -105,8 +110,11 @@ def test_bad_input(measured, tmp_path):
 
 def test_check_band_arithmetic():
     result = {"metrics": {"a": 80.0, "b": 79.9, "c": 1000.0}}
-    refs = {"a": {"value": 100.0, "lower": -0.2, "upper": None}, "b": {"value": 100.0, "lower": -0.2, "upper": None},
-            "c": {"value": 100.0, "lower": -0.2, "upper": 0.1}}
+    refs = {
+        "a": {"value": 100.0, "lower": -0.2, "upper": None},
+        "b": {"value": 100.0, "lower": -0.2, "upper": None},
+        "c": {"value": 100.0, "lower": -0.2, "upper": 0.1},
+    }
     verdicts = {v["metric"]: v for v in bench.check(result, refs)}
     assert verdicts["a"]["ok"] and not verdicts["b"]["ok"] and not verdicts["c"]["ok"]
     assert verdicts["c"]["upper"] == pytest.approx(110.0)
@@ -118,11 +126,14 @@ def test_training_scaling_and_allreduce(measured, tmp_path):
     """Real 1- and 2-rank training throughput (mpiexec) and the 2-rank allreduce."""
     pytest.importorskip("torch")
     from conftest import mpi_launcher
+
     mpi_launcher()  # skips without an MPI launcher
     _, _, ctx = measured
     cfg_path = _cfg_with(ctx["cfg"], tmp_path, "train.yaml", models=["conv2dnet"], max_ranks=2, allreduce_mb=2.0)
     out = tmp_path / "train.json"
-    assert cli.main(["bench", "--config", str(cfg_path), "--out", str(out), "--quick", "--only", "train,allreduce"]) == 0
+    assert (
+        cli.main(["bench", "--config", str(cfg_path), "--out", str(out), "--quick", "--only", "train,allreduce"]) == 0
+    )
     result = json.loads(out.read_text())
     assert not result["skipped"], result["skipped"]
     m = result["metrics"]
@@ -130,6 +141,7 @@ def test_training_scaling_and_allreduce(measured, tmp_path):
     assert (r1["ranks"], r2["ranks"]) == (1, 2)
     assert m["train.conv2dnet.img_per_s.r2"] == pytest.approx(r2["steps"] * r2["batch_per_rank"] * 2 / r2["seconds"])
     assert m["train.conv2dnet.scaling_efficiency.r2"] == pytest.approx(
-        m["train.conv2dnet.img_per_s.r2"] / (2 * m["train.conv2dnet.img_per_s.r1"]))
+        m["train.conv2dnet.img_per_s.r2"] / (2 * m["train.conv2dnet.img_per_s.r1"])
+    )
     assert m["allreduce.algbw_gb_per_s"] > 0 and result["details"]["allreduce"]["ranks"] == 2
     assert result["details"]["allreduce"]["bytes"] == int(2.0e6 / 4) * 4

@@ -1,4 +1,5 @@
 """Config validation: the schema rejects typos naming the key, fills defaults, hashes only what a stage reads."""
+
 from __future__ import annotations
 
 import copy
@@ -20,9 +21,9 @@ def raw_default() -> dict:
 def test_default_config_is_valid_and_defaults_are_filled():
     cfg = config_mod.validate(raw_default())
     assert cfg["wsi"]["patch_size"] == 224
-    assert cfg["wsi"]["quality"]["max_white"] == pytest.approx(0.6)           # nested default
-    assert cfg["wsi"]["on_error"] == "fail"                                    # default behind a $ref
-    assert cfg["studies"]["wsi_demo"]["train"]["scheduler"] == "none"          # default inside a study
+    assert cfg["wsi"]["quality"]["max_white"] == pytest.approx(0.6)  # nested default
+    assert cfg["wsi"]["on_error"] == "fail"  # default behind a $ref
+    assert cfg["studies"]["wsi_demo"]["train"]["scheduler"] == "none"  # default inside a study
     assert cfg["studies"]["hsi_demo"]["model"]["name"] == "conv2dnet"
 
 
@@ -66,22 +67,42 @@ def test_snakemake_stops_before_any_job_naming_the_key(tmp_path):
     cfg = raw_default()
     cfg["wsi"]["pach_size"] = 224
     path = write_config(cfg, tmp_path / "typo.yaml")
-    proc = subprocess.run([str(VENV_BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
-                           "--configfile", str(path), "-n"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "snakemake"),
+            "-s",
+            str(ROOT / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "--configfile",
+            str(path),
+            "-n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "pach_size" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.h5"))
 
 
 def test_dry_run_lists_every_job_of_the_default_dag(tmp_path):
-    proc = subprocess.run([str(VENV_BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "-n",
-                           "--quiet", "rules"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(VENV_BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "-n", "--quiet", "rules"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
     cfg = config_mod.validate(raw_default())
     n_train = sum(cfg["folds"]["outer"] * cfg["folds"]["inner"] for _ in cfg["studies"])
-    rows = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
-            if len(line.split()) == 2 and line.split()[1].isdigit()}
+    rows = {
+        line.split()[0]: int(line.split()[1])
+        for line in out.splitlines()
+        if len(line.split()) == 2 and line.split()[1].isdigit()
+    }
     assert rows["train"] == n_train
     assert rows["select"] == cfg["folds"]["outer"] * len(cfg["studies"])
     assert rows["extract_hsi"] == cfg["synth"]["hsi"]["patients"]

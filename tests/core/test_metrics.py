@@ -1,4 +1,5 @@
 """medflow.metrics equals scikit-learn on random predictions (binary, 5-class, absent classes)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +10,15 @@ from medflow.core import metrics
 sk = pytest.importorskip("sklearn.metrics")
 
 
-def _random_case(rng: np.random.Generator, n: int, n_classes: int, present: list[int] | None = None,
-                 ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _random_case(
+    rng: np.random.Generator, n: int, n_classes: int, present: list[int] | None = None, ties: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(present if present is not None else range(n_classes))
     y_true = rng.choice(labels, size=n)
     logits = rng.normal(size=(n, n_classes))
     logits[np.arange(n), y_true] += 1.0  # better than chance, so metrics are not all ~0.5
     if ties:
-        logits = np.round(logits)        # many tied scores exercise the AUC tie handling
+        logits = np.round(logits)  # many tied scores exercise the AUC tie handling
     prob = np.exp(logits)
     return y_true, prob / prob.sum(axis=1, keepdims=True)
 
@@ -117,8 +119,9 @@ def test_mean_std_sample_std_and_undefined_values() -> None:
 
 def test_aggregate_over_folds() -> None:
     rng = np.random.default_rng(7)
-    folds = [metrics.classification_metrics(*_random_case(rng, 50, 2), ["normal", "tumour"], "tumour")
-             for _ in range(3)]
+    folds = [
+        metrics.classification_metrics(*_random_case(rng, 50, 2), ["normal", "tumour"], "tumour") for _ in range(3)
+    ]
     agg = metrics.aggregate(folds)
     assert agg["n_folds"] == 3
     assert agg["oacc"]["mean"] == pytest.approx(np.mean([f["oacc"] for f in folds]))

@@ -1,4 +1,5 @@
 """The synthetic demo cohort: real formats (OpenSlide pyramids, ASAP XML, raw mosaics), deterministic."""
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -20,11 +21,20 @@ from medflow.extract.wsi.pyramid import write_pyramid_tiff
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    cfg = config_mod.validate({"seed": 7, "synth": {"out": str(out / "demo"),
-                                                    "wsi": {"patients": 2, "width": 1024, "height": 768},
-                                                    "hsi": {"patients": 2, "mosaic_height": 100, "mosaic_width": 150}},
-                               "cohorts": {"w": {"kind": "wsi", "manifest": str(out / "demo" / "wsi" / "manifest.csv")},
-                                           "h": {"kind": "hsi", "manifest": str(out / "demo" / "hsi" / "manifest.csv")}}})
+    cfg = config_mod.validate(
+        {
+            "seed": 7,
+            "synth": {
+                "out": str(out / "demo"),
+                "wsi": {"patients": 2, "width": 1024, "height": 768},
+                "hsi": {"patients": 2, "mosaic_height": 100, "mosaic_width": 150},
+            },
+            "cohorts": {
+                "w": {"kind": "wsi", "manifest": str(out / "demo" / "wsi" / "manifest.csv")},
+                "h": {"kind": "hsi", "manifest": str(out / "demo" / "hsi" / "manifest.csv")},
+            },
+        }
+    )
     synth.write_cohort(cfg)
     return cfg
 
@@ -55,8 +65,10 @@ def test_slides_are_openslide_pyramids_with_mpp(small_cohort):
 def test_tumour_polygons_mark_darker_denser_tissue(small_cohort):
     for e in synth.plan(small_cohort)["wsi"]:
         root = ET.parse(e.annotation).getroot()
-        polys = [np.array([[float(c.get("X")), float(c.get("Y"))] for c in a.iter("Coordinate")])
-                 for a in root.iter("Annotation")]
+        polys = [
+            np.array([[float(c.get("X")), float(c.get("Y"))] for c in a.iter("Coordinate")])
+            for a in root.iter("Annotation")
+        ]
         assert polys and all(a.get("PartOfGroup") == "metastases" for a in root.iter("Annotation"))
         rgb = np.asarray(openslide.OpenSlide(e.image).read_region((0, 0), 0, (1024, 768)).convert("RGB"), float)
         inside = _polygon_mask((768, 1024), polys)
@@ -71,18 +83,18 @@ def test_hsi_mosaic_references_and_ground_truth(small_cohort):
         raw, white, dark = (np.load(p) for p in (e.image, e.white, e.dark))
         gt = np.asarray(Image.open(e.annotation))
         assert raw.shape == white.shape == dark.shape == (100, 150)
-        assert gt.shape == (20, 30)                                  # mosaic / 5
-        assert set(np.unique(gt)) == {0, 1, 2, 3, 4, 5}             # unlabelled + five classes
+        assert gt.shape == (20, 30)  # mosaic / 5
+        assert set(np.unique(gt)) == {0, 1, 2, 3, 4, 5}  # unlabelled + five classes
         assert np.all(white > dark) and np.all(raw >= dark - 20)
 
 
 def test_hsi_signatures_distinct_but_healthy_close_to_tumour():
     sig = hsi_signatures()
-    sig = sig / np.sqrt((sig**2).mean(axis=1, keepdims=True))       # as after RMS normalisation
+    sig = sig / np.sqrt((sig**2).mean(axis=1, keepdims=True))  # as after RMS normalisation
     dist = np.sqrt(((sig[:, None] - sig[None]) ** 2).sum(-1))
     off = dist[~np.eye(5, dtype=bool)]
     assert off.min() > 0.01
-    assert dist[0, 1] == pytest.approx(off.min())                   # healthy vs tumour: the closest pair
+    assert dist[0, 1] == pytest.approx(off.min())  # healthy vs tumour: the closest pair
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):

@@ -1,6 +1,7 @@
 """The extraction-job contract (medflow.extract.job), run for both kinds through their real CLI commands:
 up-to-date skip, --force, input and config changes, a record rebuilt from its shard, on_error fail/skip
 with identical semantics (a stale shard never survives next to a failed record), nothing partial."""
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,9 @@ class Kind:
     cfg: dict
     cfg_path: Path
     out: Path
-    change_input: Callable[[], None]   # edit an input file so that its content changes
-    break_input: Callable[[], None]    # make an input bad (a one-line InputError)
-    section_key: tuple[str, str]       # a key of the kind's own config section, and a value to set
+    change_input: Callable[[], None]  # edit an input file so that its content changes
+    break_input: Callable[[], None]  # make an input bad (a one-line InputError)
+    section_key: tuple[str, str]  # a key of the kind's own config section, and a value to set
 
     @property
     def shard(self) -> Path:
@@ -44,8 +45,22 @@ class Kind:
 
     def run(self, *extra: str) -> int:
         write_config(self.cfg, self.cfg_path)
-        return cli.main([f"extract-{self.name}", "--config", str(self.cfg_path), "--cohort", "c",
-                         "--image-id", "img0", "--out", str(self.shard), "--record", str(self.record), *extra])
+        return cli.main(
+            [
+                f"extract-{self.name}",
+                "--config",
+                str(self.cfg_path),
+                "--cohort",
+                "c",
+                "--image-id",
+                "img0",
+                "--out",
+                str(self.shard),
+                "--record",
+                str(self.record),
+                *extra,
+            ]
+        )
 
 
 def _wsi(cfg: dict, tmp: Path) -> Kind:
@@ -57,14 +72,21 @@ def _wsi(cfg: dict, tmp: Path) -> Kind:
     cfg["wsi"].update(mpp=0.5, patch_size=64, sampling={"mode": "random", "per_class": 6})
 
     def change() -> None:
-        xml = Path(entry.annotation)                                   # move one vertex by 3 px
+        xml = Path(entry.annotation)  # move one vertex by 3 px
         xml.write_text(re.sub(r'X="([\d.]+)"', lambda m: f'X="{float(m.group(1)) - 3:.1f}"', xml.read_text(), count=1))
 
     def corrupt() -> None:
         Path(entry.image).write_bytes(b"not a slide" * 100)
 
-    return Kind("wsi", config_mod.validate(cfg), tmp / "cfg.yaml", tmp / "out", change, corrupt,
-                ("sampling", {"mode": "random", "per_class": 5}))
+    return Kind(
+        "wsi",
+        config_mod.validate(cfg),
+        tmp / "cfg.yaml",
+        tmp / "out",
+        change,
+        corrupt,
+        ("sampling", {"mode": "random", "per_class": 5}),
+    )
 
 
 def _hsi(cfg: dict, tmp: Path) -> Kind:
@@ -114,19 +136,19 @@ def test_changed_input_or_own_config_section_reextracts(kind: Kind) -> None:
     stamp = _stamp(kind.shard)
     other, key, value = ("hsi", "patch", 9) if kind.name == "wsi" else ("wsi", "patch_size", 32)
     kind.cfg[other][key] = value
-    assert kind.run() == 0 and _stamp(kind.shard) == stamp            # another kind's section: still up to date
+    assert kind.run() == 0 and _stamp(kind.shard) == stamp  # another kind's section: still up to date
     kind.change_input()
-    assert kind.run() == 0 and _stamp(kind.shard) != stamp            # an input file changed
+    assert kind.run() == 0 and _stamp(kind.shard) != stamp  # an input file changed
     stamp = _stamp(kind.shard)
     key, value = kind.section_key
     kind.cfg[kind.name][key] = value
-    assert kind.run() == 0 and _stamp(kind.shard) != stamp            # its own config section changed
+    assert kind.run() == 0 and _stamp(kind.shard) != stamp  # its own config section changed
 
 
 def test_record_lost_after_the_shard_is_rebuilt_from_it(kind: Kind) -> None:
     assert kind.run() == 0
     stamp, first = _stamp(kind.shard), json.loads(kind.record.read_text())
-    kind.record.unlink()                                               # killed between shard and record
+    kind.record.unlink()  # killed between shard and record
     assert kind.run() == 0 and _stamp(kind.shard) == stamp
     rebuilt = json.loads(kind.record.read_text())
     assert rebuilt["resumed"] is True and rebuilt["counts"] == first["counts"]
@@ -145,6 +167,6 @@ def test_on_error_skip_removes_a_stale_shard_and_records_the_failure(kind: Kind)
     kind.break_input()
     kind.cfg[kind.name]["on_error"] = "skip"
     assert kind.run() == 0
-    assert _files(kind.out) == ["img0.record.json"]                   # the earlier shard did not survive
+    assert _files(kind.out) == ["img0.record.json"]  # the earlier shard did not survive
     record = json.loads(kind.record.read_text())
     assert record["status"] == "failed" and record["shard"] is None and record["error"]

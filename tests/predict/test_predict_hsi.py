@@ -1,4 +1,5 @@
 """Whole-image HSI prediction: window view, batching, border handling, outputs, the predict-hsi job."""
+
 from __future__ import annotations
 
 import copy
@@ -60,9 +61,9 @@ def test_predict_cube_classifies_every_pixel_in_batches(border: str) -> None:
         np.testing.assert_array_equal(labels[inner], expected[inner])
         assert (labels[~inner] == -1).all() and (probs[~inner] == 0).all()
         n = 9 * 13
-    per_batch = 2 * 17 if border == "reflect" else 3 * 13          # whole rows of windows, ≤ 50 pixels
+    per_batch = 2 * 17 if border == "reflect" else 3 * 13  # whole rows of windows, ≤ 50 pixels
     assert sum(s[0] for s in model.seen) == n and max(s[0] for s in model.seen) == per_batch
-    assert all(s[1:] == (5, 5, 6) for s in model.seen)                  # NHWC windows
+    assert all(s[1:] == (5, 5, 6) for s in model.seen)  # NHWC windows
     np.testing.assert_allclose(probs[labels >= 0].astype(np.float32).sum(axis=-1), 1.0, atol=5e-3)
     assert set(timings) == {"patches", "predict"}
 
@@ -98,8 +99,23 @@ def tiny_predict(default_cfg: dict, tmp_path: Path) -> tuple[dict, Path, Path]:
 
 
 def predict(cfg_path: Path, model: Path, out: Path, ids: list[str], cohort: str = "tiny", study: str = "tiny") -> int:
-    return cli.main(["predict-hsi", "--config", str(cfg_path), "--study", study, "--model", str(model),
-                     "--cohort", cohort, "--image-ids", *ids, "--out-dir", str(out)])
+    return cli.main(
+        [
+            "predict-hsi",
+            "--config",
+            str(cfg_path),
+            "--study",
+            study,
+            "--model",
+            str(model),
+            "--cohort",
+            cohort,
+            "--image-ids",
+            *ids,
+            "--out-dir",
+            str(out),
+        ]
+    )
 
 
 def test_predict_hsi_writes_maps_and_record(tiny_predict: tuple[dict, Path, Path], tmp_path: Path) -> None:
@@ -125,6 +141,7 @@ def test_predict_hsi_writes_maps_and_record(tiny_predict: tuple[dict, Path, Path
     assert metrics["n"] == 50 and 0 <= metrics["oacc"] <= 1
     # the same model, applied to the extraction chain's cube directly, gives the same map
     from medflow.train import models
+
     net, _ = models.load_model(model)
     entry_cube = hsi.process_image(hsi_entry(cfg, "img0"), cfg)[0].astype(np.float16).astype(np.float32)
     direct, _, _ = hsi_predict.predict_cube(net, entry_cube, 5, "reflect", 1000)
@@ -144,8 +161,9 @@ def test_class_palette_is_fixed() -> None:
     assert len({tuple(p) for p in palette}) == 7
 
 
-def test_model_that_does_not_fit_is_refused(tiny_predict: tuple[dict, Path, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture) -> None:
+def test_model_that_does_not_fit_is_refused(
+    tiny_predict: tuple[dict, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg, cfg_path, _ = tiny_predict
     wrong = tmp_path / "wrong.pt"
     _save_conv2dnet(wrong, 24, list(cfg["hsi"]["class_names"]), 5)
@@ -220,9 +238,28 @@ def test_predict_test_images_of_an_outer_fold(default_cfg: dict, tmp_path: Path)
     fsio.write_json(tmp_path / "folds.json", plan)
     _save_conv2dnet(tmp_path / "model.pt", 25, list(cfg["hsi"]["class_names"]), 3)
     out = tmp_path / "maps"
-    assert cli.main(["predict-hsi", "--config", str(cfg_path), "--study", "tiny", "--model", str(tmp_path / "model.pt"),
-                     "--cohort", "tiny", "--folds", str(tmp_path / "folds.json"), "--outer", "1",
-                     "--out-dir", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "predict-hsi",
+                "--config",
+                str(cfg_path),
+                "--study",
+                "tiny",
+                "--model",
+                str(tmp_path / "model.pt"),
+                "--cohort",
+                "tiny",
+                "--folds",
+                str(tmp_path / "folds.json"),
+                "--outer",
+                "1",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     test_patients = set(plan["outer"][1]["test_patients"])
     expected = sorted(e.image_id for e in entries(cfg, "tiny") if e.patient_id in test_patients)
     assert sorted(p.stem for p in out.glob("*.npz")) == expected and expected
@@ -249,8 +286,24 @@ def test_model_trained_on_one_patient_maps_another(default_cfg: dict, tmp_path: 
     records = []
     for image_id in ("hsi_p00_i0", "hsi_p01_i0"):
         records.append(tmp_path / "shards" / f"{image_id}.record.json")
-        assert cli.main(["extract-hsi", "--config", str(cfg_path), "--cohort", "hsi_demo", "--image-id", image_id,
-                         "--out", str(records[-1].with_name(f"{image_id}.h5")), "--record", str(records[-1])]) == 0
+        assert (
+            cli.main(
+                [
+                    "extract-hsi",
+                    "--config",
+                    str(cfg_path),
+                    "--cohort",
+                    "hsi_demo",
+                    "--image-id",
+                    image_id,
+                    "--out",
+                    str(records[-1].with_name(f"{image_id}.h5")),
+                    "--record",
+                    str(records[-1]),
+                ]
+            )
+            == 0
+        )
     build_index(records, tmp_path / "index.json", "hsi_demo", "hsi", cfg)
     train = PatchSet(load_index(tmp_path / "index.json"), ["hsi_p01"])
     x = torch.from_numpy(train.read(np.arange(len(train))).astype(np.float32))
@@ -264,7 +317,9 @@ def test_model_trained_on_one_patient_maps_another(default_cfg: dict, tmp_path: 
             torch.nn.functional.cross_entropy(net(x[b]), y[b]).backward()
             opt.step()
     models.save_model(tmp_path / "model.pt", net.eval(), {"class_names": train.class_names, "kind": "hsi"})
-    assert predict(cfg_path, tmp_path / "model.pt", tmp_path / "maps", ["hsi_p00_i0"], cohort="hsi_demo",
-                   study="hsi_demo") == 0
+    assert (
+        predict(cfg_path, tmp_path / "model.pt", tmp_path / "maps", ["hsi_p00_i0"], cohort="hsi_demo", study="hsi_demo")
+        == 0
+    )
     record = json.loads((tmp_path / "maps" / "record.json").read_text())
-    assert record["images"][0]["accuracy"] > 0.7          # chance is 0.2
+    assert record["images"][0]["accuracy"] > 0.7  # chance is 0.2

@@ -1,4 +1,5 @@
 """summarize + report: numbers in the tables are recomputed here from the JSON records of two fake sites."""
+
 from __future__ import annotations
 
 import csv
@@ -21,14 +22,32 @@ HSI_CLASSES = ["healthy", "tumour", "venous", "arterial", "dura"]
 
 # ---- a fake site tree following docs/architecture.md ---------------------------------------------
 def _common(rng: np.random.Generator, site: str, host: str, job: str, gpus: list[str], wall: float) -> dict:
-    return {"job": job, "status": "ok",
-            "site": {"name": site, "cluster": f"{site}-cluster", "host": host, "cpu": "Fake CPU 9000",
-                     "cpu_count": 8, "gpus": gpus, "gpu_count": len(gpus)},
-            "software": {"medflow": "0.1.0", "torch": "2.5.0", "horovod": "0.28.1", "mpi": "Open MPI 4.1", "git": "abc"},
-            "launch": {"backend": "horovod", "ranks": 2, "launcher": "srun", "slurm_job_id": str(rng.integers(1e5)),
-                       "devices": [f"cuda:{i}" for i in range(len(gpus))] or ["cpu", "cpu"]},
-            "seed": 7, "config_hash": "h", "started": "2026-11-21T10:00:00+00:00",
-            "finished": f"2026-11-21T10:{int(rng.integers(1, 59)):02d}:00+00:00", "wall_s": wall}
+    return {
+        "job": job,
+        "status": "ok",
+        "site": {
+            "name": site,
+            "cluster": f"{site}-cluster",
+            "host": host,
+            "cpu": "Fake CPU 9000",
+            "cpu_count": 8,
+            "gpus": gpus,
+            "gpu_count": len(gpus),
+        },
+        "software": {"medflow": "0.1.0", "torch": "2.5.0", "horovod": "0.28.1", "mpi": "Open MPI 4.1", "git": "abc"},
+        "launch": {
+            "backend": "horovod",
+            "ranks": 2,
+            "launcher": "srun",
+            "slurm_job_id": str(rng.integers(1e5)),
+            "devices": [f"cuda:{i}" for i in range(len(gpus))] or ["cpu", "cpu"],
+        },
+        "seed": 7,
+        "config_hash": "h",
+        "started": "2026-11-21T10:00:00+00:00",
+        "finished": f"2026-11-21T10:{int(rng.integers(1, 59)):02d}:00+00:00",
+        "wall_s": wall,
+    }
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -46,73 +65,148 @@ def build_site(root: Path, site: str, seed: int, gpus: list[str] = ()) -> Path:
     rng = np.random.default_rng(seed)
     site_dir = root / site
     gpus = list(gpus)
-    for cohort, job, stages, n_img in (("wsi_demo", "extract-wsi", ["open", "mask", "annotations", "sampling", "read", "write"], 3),
-                                       ("hsi_demo", "extract-hsi", ["load", "calibrate", "demosaic", "correct", "normalise", "patches", "write"], 2)):
+    for cohort, job, stages, n_img in (
+        ("wsi_demo", "extract-wsi", ["open", "mask", "annotations", "sampling", "read", "write"], 3),
+        ("hsi_demo", "extract-hsi", ["load", "calibrate", "demosaic", "correct", "normalise", "patches", "write"], 2),
+    ):
         for i in range(n_img):
             rec = _common(rng, site, f"{site}-n{i % 2}", job, [], float(rng.uniform(2, 9)))
             n = int(rng.integers(40, 90))
-            rec.update(image_id=f"{cohort}_img{i}", patient_id=f"p{i}", cohort=cohort, shard=f"{cohort}_img{i}.h5",
-                       error=None, n_patches=n, counts={"normal": n // 2, "tumour": n - n // 2},
-                       timings_s={s: float(rng.uniform(0.05, 1.0)) for s in stages},
-                       throughput={"s_per_patch": rec["wall_s"] / n, "bytes_written": n * 1000})
+            rec.update(
+                image_id=f"{cohort}_img{i}",
+                patient_id=f"p{i}",
+                cohort=cohort,
+                shard=f"{cohort}_img{i}.h5",
+                error=None,
+                n_patches=n,
+                counts={"normal": n // 2, "tumour": n - n // 2},
+                timings_s={s: float(rng.uniform(0.05, 1.0)) for s in stages},
+                throughput={"s_per_patch": rec["wall_s"] / n, "bytes_written": n * 1000},
+            )
             if cohort == "wsi_demo" and i == 2:
                 rec.update(status="failed", shard=None, error="slide.svs: corrupt", n_patches=0, counts={})
             _write(site_dir / "shards" / cohort / f"{cohort}_img{i}.record.json", rec)
     for cohort, kind, classes in (("wsi_demo", "wsi", WSI_CLASSES), ("hsi_demo", "hsi", HSI_CLASSES)):
-        _write(site_dir / "index" / f"{cohort}.json",
-               {"format": "medflow-index/1", "cohort": cohort, "kind": kind, "class_names": classes,
-                "patients": [f"p{i}" for i in range(4)], "shards": [{"image_id": f"i{i}"} for i in range(3)],
-                "failed": [{"image_id": "bad"}], "totals": {c: 10 * (i + 1) for i, c in enumerate(classes)}})
-        _write(site_dir / "folds" / f"{cohort}.json",
-               {"format": "medflow-folds/1", "study": cohort, "strategy": "kfold", "balance": "stratified",
-                "k_outer": 2, "k_inner": 2, "patients": [f"p{i}" for i in range(4)],
+        _write(
+            site_dir / "index" / f"{cohort}.json",
+            {
+                "format": "medflow-index/1",
+                "cohort": cohort,
+                "kind": kind,
+                "class_names": classes,
+                "patients": [f"p{i}" for i in range(4)],
+                "shards": [{"image_id": f"i{i}"} for i in range(3)],
+                "failed": [{"image_id": "bad"}],
+                "totals": {c: 10 * (i + 1) for i, c in enumerate(classes)},
+            },
+        )
+        _write(
+            site_dir / "folds" / f"{cohort}.json",
+            {
+                "format": "medflow-folds/1",
+                "study": cohort,
+                "strategy": "kfold",
+                "balance": "stratified",
+                "k_outer": 2,
+                "k_inner": 2,
+                "patients": [f"p{i}" for i in range(4)],
                 "outer": [{"index": 0, "test_patients": ["p0"]}, {"index": 1, "test_patients": ["p1", "p2", "p3"]}],
-                "deviation": {"max_abs_outer": {"patches": 0.05, "patients": 0.25, "labels": 0.1}}})
-    for study, cohort, kind, model, classes in (("wsi_demo", "wsi_demo", "wsi", "resnet18", WSI_CLASSES),
-                                                 ("hsi_demo", "hsi_demo", "hsi", "conv2dnet", HSI_CLASSES)):
+                "deviation": {"max_abs_outer": {"patches": 0.05, "patients": 0.25, "labels": 0.1}},
+            },
+        )
+    for study, cohort, kind, model, classes in (
+        ("wsi_demo", "wsi_demo", "wsi", "resnet18", WSI_CLASSES),
+        ("hsi_demo", "hsi_demo", "hsi", "conv2dnet", HSI_CLASSES),
+    ):
         for outer in range(2):
             for inner in range(2):
                 epochs = [float(x) for x in rng.uniform(1, 3, size=3)]
                 rec = _common(rng, site, f"{site}-g0", "train", gpus, float(sum(epochs) + rng.uniform(1, 4)))
-                rec.update(study=study, cohort=cohort, kind=kind, model=model, outer=outer, inner=inner,
-                           timings_s={"load_args": 0.1, "prepare_train": 0.5, "train": sum(epochs), "epochs": epochs,
-                                      "prepare_test": 0.2, "predict": 0.3},
-                           throughput={"load_ms_per_patch": float(rng.uniform(0.01, 0.2)),
-                                       "train_img_per_s": float(rng.uniform(50, 500)),
-                                       "s_per_epoch": float(np.mean(epochs))},
-                           metrics={"train": {"oacc": float(rng.uniform(0.6, 1)), "loss": 0.3},
-                                    "val": {"n": 50, "oacc": float(rng.uniform(0.5, 1)), "loss": 0.5}},
-                           n_patches={"train": 100, "val": 50}, epochs_run=3, best_epoch=2)
+                rec.update(
+                    study=study,
+                    cohort=cohort,
+                    kind=kind,
+                    model=model,
+                    outer=outer,
+                    inner=inner,
+                    timings_s={
+                        "load_args": 0.1,
+                        "prepare_train": 0.5,
+                        "train": sum(epochs),
+                        "epochs": epochs,
+                        "prepare_test": 0.2,
+                        "predict": 0.3,
+                    },
+                    throughput={
+                        "load_ms_per_patch": float(rng.uniform(0.01, 0.2)),
+                        "train_img_per_s": float(rng.uniform(50, 500)),
+                        "s_per_epoch": float(np.mean(epochs)),
+                    },
+                    metrics={
+                        "train": {"oacc": float(rng.uniform(0.6, 1)), "loss": 0.3},
+                        "val": {"n": 50, "oacc": float(rng.uniform(0.5, 1)), "loss": 0.5},
+                    },
+                    n_patches={"train": 100, "val": 50},
+                    epochs_run=3,
+                    best_epoch=2,
+                )
                 run_dir = site_dir / "runs" / study / f"outer{outer}" / f"inner{inner}"
                 _write(run_dir / "record.json", rec)
                 lines = ["epoch,train_loss,train_acc,val_loss,val_acc,lr,epoch_s"]
-                lines += [f"{e},{1 / (e + 1):.4f},{0.5 + 0.1 * e:.3f},{1.2 / (e + 1):.4f},{0.5 + 0.08 * e:.3f},0.001,{epochs[e]:.3f}"
-                          for e in range(3)]
+                lines += [
+                    f"{e},{1 / (e + 1):.4f},{0.5 + 0.1 * e:.3f},{1.2 / (e + 1):.4f},{0.5 + 0.08 * e:.3f},0.001,{epochs[e]:.3f}"
+                    for e in range(3)
+                ]
                 (run_dir / "curves.csv").write_text("\n".join(lines) + "\n")
             sel = _common(rng, site, f"{site}-g0", "select", gpus[:1], float(rng.uniform(1, 3)))
-            sel.update(study=study, outer=outer, selected_inner=int(rng.integers(0, 2)), selection_metric="oacc",
-                       candidates=[{"inner": 0, "value": 0.8}, {"inner": 1, "value": 0.7}],
-                       metrics={"val": {"n": 50, "oacc": 0.8},
-                                "test": {"n": 60, "oacc": float(rng.uniform(0.5, 1)), "sensitivity": float(rng.uniform(0.4, 1)),
-                                         "specificity": float(rng.uniform(0.4, 1)), "auc": float(rng.uniform(0.5, 1)),
-                                         "macro_f1": 0.7, "confusion": _confusion(rng, len(classes)),
-                                         "class_names": classes, "positive_class": "tumour"}})
+            sel.update(
+                study=study,
+                outer=outer,
+                selected_inner=int(rng.integers(0, 2)),
+                selection_metric="oacc",
+                candidates=[{"inner": 0, "value": 0.8}, {"inner": 1, "value": 0.7}],
+                metrics={
+                    "val": {"n": 50, "oacc": 0.8},
+                    "test": {
+                        "n": 60,
+                        "oacc": float(rng.uniform(0.5, 1)),
+                        "sensitivity": float(rng.uniform(0.4, 1)),
+                        "specificity": float(rng.uniform(0.4, 1)),
+                        "auc": float(rng.uniform(0.5, 1)),
+                        "macro_f1": 0.7,
+                        "confusion": _confusion(rng, len(classes)),
+                        "class_names": classes,
+                        "positive_class": "tumour",
+                    },
+                },
+            )
             _write(site_dir / "runs" / study / f"outer{outer}" / "record.json", sel)
             if kind == "hsi":
                 maps = _common(rng, site, f"{site}-g0", "predict-hsi", gpus[:1], 1.5)
-                maps.update(study=study, outer=outer, timings_s={"load": 0.1, "chain": 0.2, "predict": 0.7},
-                            images={f"hsi_demo_img{outer}": {"accuracy": 0.75}})
+                maps.update(
+                    study=study,
+                    outer=outer,
+                    timings_s={"load": 0.1, "chain": 0.2, "predict": 0.7},
+                    images={f"hsi_demo_img{outer}": {"accuracy": 0.75}},
+                )
                 maps_dir = site_dir / "runs" / study / f"outer{outer}" / "maps"
                 _write(maps_dir / "record.json", maps)
                 _write_png(maps_dir / f"hsi_demo_img{outer}.png", rng)
-    _write(site_dir / "bench" / f"{site}-g0.json",
-           {"format": "medflow-bench/1", "site": {"name": site, "host": f"{site}-g0"}, "finished": "x",
-            "metrics": {"hsi.images_per_s": 10.0 + seed, "hdf5.ms_per_patch": 0.02 * seed}})
+    _write(
+        site_dir / "bench" / f"{site}-g0.json",
+        {
+            "format": "medflow-bench/1",
+            "site": {"name": site, "host": f"{site}-g0"},
+            "finished": "x",
+            "metrics": {"hsi.images_per_s": 10.0 + seed, "hdf5.ms_per_patch": 0.02 * seed},
+        },
+    )
     return site_dir
 
 
 def _write_png(path: Path, rng: np.random.Generator) -> None:
     from PIL import Image
+
     Image.fromarray(rng.integers(0, 255, size=(20, 30, 3), dtype=np.uint8)).save(path)
 
 
@@ -141,6 +235,7 @@ def _close(text: str, value: float, rel: float = 1e-3) -> bool:
 def module_cfg(tmp_path_factory) -> dict:
     from conftest import ROOT
     from medflow.core import config as config_mod
+
     return config_mod.load(ROOT / "config.yaml")
 
 
@@ -188,12 +283,17 @@ def test_summarize_matches_records(two_sites, tmp_path):
 
 def test_energy_formula(two_sites, default_cfg):
     _, site_b, _ = two_sites
-    cfg = dict(default_cfg, site={"name": "", "power_w": {"cpu_core": 10.0, "gpu": 250.0}, "pue": 1.5,
-                                  "carbon_g_per_kwh": 400.0})
+    cfg = dict(
+        default_cfg,
+        site={"name": "", "power_w": {"cpu_core": 10.0, "gpu": 250.0}, "pue": 1.5, "carbon_g_per_kwh": 400.0},
+    )
     s = summary_mod.summarize(site_b, cfg)
     trains = _records(site_b, "runs/*/outer*/inner*/record.json")
-    others = [r for pat in ("shards/*/*.record.json", "runs/*/outer*/record.json", "runs/*/outer*/maps/record.json")
-              for r in _records(site_b, pat)]
+    others = [
+        r
+        for pat in ("shards/*/*.record.json", "runs/*/outer*/record.json", "runs/*/outer*/maps/record.json")
+        for r in _records(site_b, pat)
+    ]
     # CPU site: train = ranks (2) × threads_per_rank (1) cores; every other job one core
     core_h = (sum(2 * r["wall_s"] for r in trains) + sum(r["wall_s"] for r in others)) / 3600
     total = s["energy"]["total"]
@@ -225,9 +325,21 @@ def report_dir(two_sites, tmp_path_factory) -> Path:
 
 
 def test_report_outputs_exist(report_dir):
-    for name in ("report.md", "report.html", "report.json", "preprocessing.csv", "training.csv", "stages.csv",
-                 "nested_cv.csv", "energy.csv", "sites.csv", "figures/accuracy.png", "figures/energy.png",
-                 "figures/curves_wsi_demo.png", "figures/confusion_hsi_demo.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "report.json",
+        "preprocessing.csv",
+        "training.csv",
+        "stages.csv",
+        "nested_cv.csv",
+        "energy.csv",
+        "sites.csv",
+        "figures/accuracy.png",
+        "figures/energy.png",
+        "figures/curves_wsi_demo.png",
+        "figures/confusion_hsi_demo.png",
+    ):
         assert (report_dir / name).is_file(), name
     maps = sorted(p.name for p in (report_dir / "figures").glob("map_*.png"))
     assert len(maps) == 4  # 2 sites × 2 outer folds
@@ -254,8 +366,11 @@ def test_training_csv_and_markdown_match_records(report_dir, two_sites):
             assert _close(row["test_oacc_mean"], statistics.mean(test_acc), 1e-9)
             assert _close(row["s_per_epoch_mean"], statistics.mean(spe), 1e-9)
             assert _close(row["time_n_epochs_s"], 10 * statistics.mean(spe), 1e-9)
-            assert _close(row["nested_cv_wall_s"], sum(r["wall_s"] for r in trains + sels + _records(
-                site_dir, f"runs/{study}/outer*/maps/record.json")), 1e-9)
+            assert _close(
+                row["nested_cv_wall_s"],
+                sum(r["wall_s"] for r in trains + sels + _records(site_dir, f"runs/{study}/outer*/maps/record.json")),
+                1e-9,
+            )
             md_row = dict(zip(header, next(r for r in md_rows[1:] if r[0] == study and r[1] == site)))
             mean, std = md_row["val acc"].split(" ± ")
             val_acc = [r["metrics"]["val"]["oacc"] for r in trains]
@@ -271,17 +386,23 @@ def test_preprocessing_side_by_side(report_dir, two_sites):
     table = _md_table(md, "Data pre-processing")
     assert table[0] == ["", "alpha", "beta"]
     for col, site_dir in enumerate(two_sites[:2], start=1):
-        for cohort, label in (("wsi_demo", "WSI patch sampling (s/patch) — wsi_demo"),
-                              ("hsi_demo", "HSI extraction (s/patch) — hsi_demo")):
+        for cohort, label in (
+            ("wsi_demo", "WSI patch sampling (s/patch) — wsi_demo"),
+            ("hsi_demo", "HSI extraction (s/patch) — hsi_demo"),
+        ):
             ok = [r for r in _records(site_dir, f"shards/{cohort}/*.record.json") if r["status"] == "ok"]
             expect = sum(r["wall_s"] for r in ok) / sum(r["n_patches"] for r in ok)
             row = next(r for r in table[1:] if r[0] == label)
             assert _close(row[col], expect)
-        loads = [r["throughput"]["load_ms_per_patch"] for r in _records(site_dir, "runs/wsi_demo/outer*/inner*/record.json")]
+        loads = [
+            r["throughput"]["load_ms_per_patch"] for r in _records(site_dir, "runs/wsi_demo/outer*/inner*/record.json")
+        ]
         row = next(r for r in table[1:] if r[0] == "data loading (ms/patch) — wsi_demo")
         assert _close(row[col].split(" ± ")[0], statistics.mean(loads), 5e-3)
     csv_rows = _csv(report_dir / "preprocessing.csv")
-    assert {(r["site"], r["cohort"]) for r in csv_rows} == {(s, c) for s in ("alpha", "beta") for c in ("wsi_demo", "hsi_demo")}
+    assert {(r["site"], r["cohort"]) for r in csv_rows} == {
+        (s, c) for s in ("alpha", "beta") for c in ("wsi_demo", "hsi_demo")
+    }
 
 
 def test_nested_cv_and_stages_match_records(report_dir, two_sites):
@@ -290,7 +411,9 @@ def test_nested_cv_and_stages_match_records(report_dir, two_sites):
     for site_dir in two_sites[:2]:
         site = site_dir.name
         for sel in _records(site_dir, "runs/*/outer*/record.json"):
-            row = next(r for r in rows if r["site"] == site and r["study"] == sel["study"] and int(r["outer"]) == sel["outer"])
+            row = next(
+                r for r in rows if r["site"] == site and r["study"] == sel["study"] and int(r["outer"]) == sel["outer"]
+            )
             for key in ("oacc", "sensitivity", "specificity", "auc"):
                 assert _close(row[key], sel["metrics"]["test"][key], 1e-12)
             assert int(row["selected_inner"]) == sel["selected_inner"]
@@ -306,8 +429,12 @@ def test_nested_cv_and_stages_match_records(report_dir, two_sites):
     assert "tumour sensitivity" in header
     for site_dir in two_sites[:2]:
         for sel in _records(site_dir, "runs/*/outer*/record.json"):
-            row = dict(zip(header, next(r for r in folds[1:] if r[:3] == [sel["study"], str(sel["outer"]), site_dir.name])))
-            assert _close(row["OACC"], sel["metrics"]["test"]["oacc"]) and _close(row["AUC"], sel["metrics"]["test"]["auc"])
+            row = dict(
+                zip(header, next(r for r in folds[1:] if r[:3] == [sel["study"], str(sel["outer"]), site_dir.name]))
+            )
+            assert _close(row["OACC"], sel["metrics"]["test"]["oacc"]) and _close(
+                row["AUC"], sel["metrics"]["test"]["auc"]
+            )
             assert _close(row["tumour sensitivity"], sel["metrics"]["test"]["sensitivity"])
     table = _md_table(md, "Stage timings per job type (s, mean ± std over jobs)")
     assert table[0] == ["job", "stage", "alpha", "beta"]
@@ -335,8 +462,14 @@ def test_energy_csv(report_dir, two_sites):
     total = {r["site"]: r for r in rows if r["job"] == "total"}
     assert float(total["beta"]["gpu_hours"]) == 0 and float(total["alpha"]["gpu_hours"]) > 0
     for _site, r in total.items():
-        kwh = (float(r["gpu_hours"]) * float(r["power_w_gpu"]) + float(r["cpu_core_hours"]) * float(r["power_w_cpu_core"])) \
-            * float(r["pue"]) / 1000
+        kwh = (
+            (
+                float(r["gpu_hours"]) * float(r["power_w_gpu"])
+                + float(r["cpu_core_hours"]) * float(r["power_w_cpu_core"])
+            )
+            * float(r["pue"])
+            / 1000
+        )
         assert _close(r["kwh"], kwh, 1e-9) and _close(r["co2_g"], kwh * float(r["carbon_g_per_kwh"]), 1e-9)
 
 
@@ -355,11 +488,24 @@ def test_html_is_self_contained(report_dir):
 def test_copied_site_dir(tmp_path, two_sites):
     """A site directory summarised elsewhere and copied here still finds its HSI maps."""
     import shutil
+
     site_a, _, cfg_path = two_sites
     elsewhere = tmp_path / "elsewhere" / "alpha"
     shutil.copytree(site_a, elsewhere)
-    assert cli.main(["summarize", "--config", str(cfg_path), "--site-dir", str(elsewhere),
-                     "--out", str(elsewhere / "summary.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "summarize",
+                "--config",
+                str(cfg_path),
+                "--site-dir",
+                str(elsewhere),
+                "--out",
+                str(elsewhere / "summary.json"),
+            ]
+        )
+        == 0
+    )
     moved = tmp_path / "here" / "alpha"
     shutil.move(str(elsewhere), moved)
     out = tmp_path / "rep"
@@ -369,11 +515,14 @@ def test_copied_site_dir(tmp_path, two_sites):
 
 def test_report_bad_input(tmp_path, two_sites):
     import shutil
+
     site_a = tmp_path / "alpha"
     shutil.copytree(two_sites[0], site_a)
     cfg_path = two_sites[2]
     out = tmp_path / "rep"
-    assert cli.main(["report", "--config", str(cfg_path), "--out-dir", str(out), str(site_a), str(tmp_path / "nope")]) == 2
+    assert (
+        cli.main(["report", "--config", str(cfg_path), "--out-dir", str(out), str(site_a), str(tmp_path / "nope")]) == 2
+    )
     assert not out.exists()
     (site_a / "summary.json").write_text(json.dumps({"format": "something-else"}))
     assert cli.main(["report", "--config", str(cfg_path), "--out-dir", str(out), str(site_a)]) == 2

@@ -1,5 +1,6 @@
 """medflow.data: whole-chunk reads equal the raw rows; rank sharding; determinism; dihedral
 augmentation; class balancing; stratified batches; max_patches cap. Real shards via ShardWriter."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,8 +46,9 @@ def _raw(pset: PatchSet) -> tuple[np.ndarray, np.ndarray]:
 
 def test_patchset_selects_patients_in_shard_order(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P1", "P4", "P0"])
-    assert [s["patient_id"] for s in pset.shards] == [s["patient_id"] for s in cohort["shards"]
-                                                       if s["patient_id"] in {"P0", "P1", "P4"}]
+    assert [s["patient_id"] for s in pset.shards] == [
+        s["patient_id"] for s in cohort["shards"] if s["patient_id"] in {"P0", "P1", "P4"}
+    ]
     x, y = _raw(pset)
     assert len(pset) == len(y) and pset.labels.dtype == np.int64
     np.testing.assert_array_equal(pset.labels, y)
@@ -102,14 +104,16 @@ def test_max_patches_cap_keeps_every_class(cohort: dict) -> None:
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_ranks_disjoint_equal_length_and_cover(cohort: dict, preload: bool, world_size: int) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2", "P3"])
-    loaders = [make_loader(pset, batch_size=7, rank=r, world_size=world_size, seed=5, preload=preload)
-               for r in range(world_size)]
+    loaders = [
+        make_loader(pset, batch_size=7, rank=r, world_size=world_size, seed=5, preload=preload)
+        for r in range(world_size)
+    ]
     parts = [ld.rank_indices() for ld in loaders]
     assert len({len(p) for p in parts}) == 1 and len({len(ld) for ld in loaders}) == 1
     allidx = np.concatenate(parts)
-    assert set(allidx) == set(range(len(pset)))          # every patch served
+    assert set(allidx) == set(range(len(pset)))  # every patch served
     pad = len(allidx) - len(pset)
-    assert 0 <= pad < world_size                         # only wrap-around padding repeats
+    assert 0 <= pad < world_size  # only wrap-around padding repeats
     for ld, part in zip(loaders, parts):
         ys = [y.numpy() for _, y in ld]
         assert len(ys) == len(ld)
@@ -129,8 +133,7 @@ def test_batches_carry_the_right_patches(cohort: dict) -> None:
 def test_same_seed_same_epoch_same_batches_and_epochs_differ(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P3", "P4"])
     a = make_loader(pset, batch_size=8, seed=11, augment="dihedral", preload=False)
-    b = make_loader(PatchSet(cohort, ["P0", "P3", "P4"]), batch_size=8, seed=11,
-                         augment="dihedral", preload=True)
+    b = make_loader(PatchSet(cohort, ["P0", "P3", "P4"]), batch_size=8, seed=11, augment="dihedral", preload=True)
     assert b.pset.preloaded and not a.pset.preloaded
     a.set_epoch(3)
     b.set_epoch(3)
@@ -162,8 +165,7 @@ def test_unshuffled_loader_keeps_set_order(cohort: dict) -> None:
 
 def test_streaming_order_keeps_reads_whole_chunk(cohort: dict) -> None:
     """Shuffled streaming epochs read each chunk about once (chunk-grouped order)."""
-    pset = PatchSet(cohort, ["P0", "P1", "P2", "P3", "P4", "P5"], cache_bytes=16 * 8 * 16 * 16 * 3,
-                         io="h5py")
+    pset = PatchSet(cohort, ["P0", "P1", "P2", "P3", "P4", "P5"], cache_bytes=16 * 8 * 16 * 16 * 3, io="h5py")
     loader = make_loader(pset, batch_size=16, seed=0, preload=False, window_chunks=4)
     for _ in loader:
         pass
@@ -205,7 +207,7 @@ def test_dihedral_balance_oversamples_with_distinct_transforms(cohort: dict, aug
     got = np.bincount(pset.labels[idx], minlength=3)
     np.testing.assert_array_equal(got, np.minimum(counts.max(), 8 * counts))
     pairs = set(zip(idx.tolist(), tf.tolist()))
-    assert len(pairs) == len(idx)                         # no patch repeats a transform
+    assert len(pairs) == len(idx)  # no patch repeats a transform
     if augment == "none":  # every original patch once untransformed
         assert {i for i, t in pairs if t == 0} == set(range(len(pset)))
 
@@ -224,8 +226,9 @@ def test_stratified_batches_keep_class_proportions(cohort: dict, world_size: int
     props = pset.class_counts() / len(pset)
     B = 20
     for rank in range(world_size):
-        loader = make_loader(pset, batch_size=B, rank=rank, world_size=world_size, seed=1,
-                                  sampling="stratified", drop_last=True)
+        loader = make_loader(
+            pset, batch_size=B, rank=rank, world_size=world_size, seed=1, sampling="stratified", drop_last=True
+        )
         for _, y in loader:
             counts = np.bincount(y.numpy(), minlength=3)
             assert np.all(np.abs(counts - props * B) <= 1.5), (counts, props * B)
@@ -243,9 +246,11 @@ def test_drop_last_and_lengths(cohort: dict) -> None:
 
 def test_float16_shards_come_out_float32(tmp_path: Path) -> None:
     images = {"h0": ("A", [0, 1] * 10), "h1": ("B", [1, 0] * 6)}
-    index = shards.load_index(write_synthetic_cohort(tmp_path, images, ["normal", "tumour"],
-                                                          patch_shape=(5, 5, 12), dtype="float16",
-                                                          kind="hsi", chunk_patches=4))
+    index = shards.load_index(
+        write_synthetic_cohort(
+            tmp_path, images, ["normal", "tumour"], patch_shape=(5, 5, 12), dtype="float16", kind="hsi", chunk_patches=4
+        )
+    )
     pset = PatchSet(index, ["A", "B"])
     x, _ = _raw(pset)
     loader = make_loader(pset, batch_size=6, shuffle=False, preload=False)
@@ -259,8 +264,9 @@ def test_float16_shards_come_out_float32(tmp_path: Path) -> None:
 def test_workers_and_prefetch_give_the_same_batches(cohort: dict, io: str, mode: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2"], io=io)
     single = make_loader(pset, batch_size=8, seed=9, augment="dihedral", preload=False)
-    other = make_loader(PatchSet(cohort, ["P0", "P1", "P2"], io=io), batch_size=8, seed=9,
-                             augment="dihedral", preload=False, **mode)
+    other = make_loader(
+        PatchSet(cohort, ["P0", "P1", "P2"], io=io), batch_size=8, seed=9, augment="dihedral", preload=False, **mode
+    )
     for epoch in (0, 1):
         single.set_epoch(epoch)
         other.set_epoch(epoch)
@@ -278,12 +284,20 @@ def mixed_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("mixed")
     rng = np.random.default_rng(3)
     plain = {"big": ("A", rng.integers(0, 2, size=300).tolist()), "small": ("B", [0, 1] * 20)}
-    write_synthetic_cohort(root / "plain", plain, ["normal", "tumour"], patch_shape=(6, 6, 3),
-                                chunk_patches=16, cohort="mixed")
+    write_synthetic_cohort(
+        root / "plain", plain, ["normal", "tumour"], patch_shape=(6, 6, 3), chunk_patches=16, cohort="mixed"
+    )
     _write_reversed_shard(root / "plain" / "shards" / "reversed.h5", rng)
-    write_synthetic_cohort(root / "gz", {"packed": ("C", [1, 0, 0] * 15)}, ["normal", "tumour"],
-                                patch_shape=(6, 6, 3), chunk_patches=16, cohort="mixed", compression="gzip",
-                                seed=1)
+    write_synthetic_cohort(
+        root / "gz",
+        {"packed": ("C", [1, 0, 0] * 15)},
+        ["normal", "tumour"],
+        patch_shape=(6, 6, 3),
+        chunk_patches=16,
+        cohort="mixed",
+        compression="gzip",
+        seed=1,
+    )
     records = sorted(root.glob("*/shards/*.record.json"))
     shards.build_index(records, root / "index.json", "mixed", "wsi")
     return shards.load_index(root / "index.json")
@@ -294,12 +308,20 @@ def _write_reversed_shard(path: Path, rng: np.random.Generator) -> None:
     with h5py.File(path, "w") as h5:
         ds = h5.create_dataset("patches", shape=(n, 6, 6, 3), dtype="uint8", chunks=(c, 6, 6, 3))
         x = rng.integers(0, 256, size=(n, 6, 6, 3), dtype=np.uint8)
-        for start in reversed(range(0, n, c)):          # last chunk allocated first
-            ds[start:start + c] = x[start:start + c]
+        for start in reversed(range(0, n, c)):  # last chunk allocated first
+            ds[start : start + c] = x[start : start + c]
         h5["coords"] = np.zeros((n, 2), np.int64)
         h5["labels"] = rng.integers(0, 2, size=n)
-        h5.attrs.update({"format": SHARD_FORMAT, "kind": "wsi", "image_id": "reversed",
-                         "patient_id": "D", "cohort": "mixed", "class_names": '["normal", "tumour"]'})
+        h5.attrs.update(
+            {
+                "format": SHARD_FORMAT,
+                "kind": "wsi",
+                "image_id": "reversed",
+                "patient_id": "D",
+                "cohort": "mixed",
+                "class_names": '["normal", "tumour"]',
+            }
+        )
     fsio_record = path.with_name("reversed.record.json")
     fsio_record.write_text('{"status": "ok", "shard": "reversed.h5", "image_id": "reversed", "patient_id": "D"}')
 
@@ -309,13 +331,13 @@ def test_row_segments_cover_every_row(mixed_cohort: dict) -> None:
         with h5py.File(shard["path"], "r") as h5:
             segs = row_segments(h5["patches"])
             if shard["image_id"] == "packed":
-                assert segs is None                      # gzip: not mappable
+                assert segs is None  # gzip: not mappable
                 continue
             assert segs is not None
             assert [s[0] for s in segs] == sorted(s[0] for s in segs)
             assert sum(s[1] for s in segs) == shard["n"] and segs[0][0] == 0
             if shard["image_id"] == "reversed":
-                assert len(segs) == 13                   # one segment per out-of-order chunk
+                assert len(segs) == 13  # one segment per out-of-order chunk
 
 
 def test_mmap_and_h5py_paths_read_the_same_rows(mixed_cohort: dict) -> None:
@@ -324,8 +346,7 @@ def test_mmap_and_h5py_paths_read_the_same_rows(mixed_cohort: dict) -> None:
     x, _ = _raw(plain)
     assert auto.mapped_fraction == pytest.approx(1 - 45 / len(auto)) and plain.mapped_fraction == 0.0
     rng = np.random.default_rng(0)
-    for idx in (rng.permutation(len(auto))[:300], np.sort(rng.integers(0, len(auto), 200)),
-                np.arange(len(auto))):
+    for idx in (rng.permutation(len(auto))[:300], np.sort(rng.integers(0, len(auto), 200)), np.arange(len(auto))):
         np.testing.assert_array_equal(auto.read(idx), x[idx])
         np.testing.assert_array_equal(plain.read(idx), x[idx])
     with pytest.raises(InputError, match="compressed"):
@@ -335,7 +356,7 @@ def test_mmap_and_h5py_paths_read_the_same_rows(mixed_cohort: dict) -> None:
 def test_compressed_sets_use_chunk_windows_and_read_each_chunk_once(mixed_cohort: dict) -> None:
     pset = PatchSet(mixed_cohort, ["C"], cache_bytes=0)
     loader = make_loader(pset, batch_size=8, seed=1)
-    assert loader.window_chunks > 0                       # never a global shuffle through h5py
+    assert loader.window_chunks > 0  # never a global shuffle through h5py
     for _ in loader:
         pass
     assert pset.chunk_reads == len(np.unique(pset.chunk_of))
@@ -358,7 +379,7 @@ def test_loader_batches_are_in_storage_order_within_each_batch(mixed_cohort: dic
     loader = make_loader(pset, batch_size=32, seed=0, preload=False)
     idx = loader.rank_indices()
     for lo in range(0, len(idx), 32):
-        b = idx[lo:lo + 32]
+        b = idx[lo : lo + 32]
         np.testing.assert_array_equal(b, b[pset.sort_for_read(b)])
 
 
@@ -366,10 +387,10 @@ def test_batch_buffers_are_reused_only_when_released(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2", "P3"])
     x_raw, _ = _raw(pset)
     loader = make_loader(pset, batch_size=8, seed=3, augment="dihedral", drop_last=True)
-    for x, _ in loader:          # a training loop: the previous batch is dropped as the next comes
+    for x, _ in loader:  # a training loop: the previous batch is dropped as the next comes
         del x
     assert len(loader._buffers._arrays) <= 4
-    kept = [(x, y) for x, y in loader]   # a caller keeping every batch: nothing may be overwritten
+    kept = [(x, y) for x, y in loader]  # a caller keeping every batch: nothing may be overwritten
     idx, tf = loader._plan
     expected = np.stack([dihedral(x_raw[i], int(t)) for i, t in zip(idx, tf)])
     np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in kept]), expected)
@@ -383,7 +404,7 @@ def test_iter_batches_covers_the_set_in_order(cohort: dict) -> None:
     np.testing.assert_array_equal(np.concatenate([p for p, _ in parts]), np.arange(len(pset)))
     np.testing.assert_array_equal(np.concatenate([x for _, x in parts]), x_raw)
     sub = np.array([5, 1, 7])
-    (pos, x), = list(pset.iter_batches(8, sub))
+    ((pos, x),) = list(pset.iter_batches(8, sub))
     np.testing.assert_array_equal(pos, sub)
     np.testing.assert_array_equal(x, x_raw[sub])
     with pytest.raises(IndexError):

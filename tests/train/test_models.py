@@ -1,4 +1,5 @@
 """medflow.models: every network builds and runs on raw NHWC shard patches; weights-only model files."""
+
 from __future__ import annotations
 
 import pytest
@@ -99,8 +100,7 @@ def test_input_adapter_normalises_rgb_and_keeps_float_bands():
 
 
 def test_head_layers_and_trainable_layers():
-    model = models.build({"name": "resnet18", "head_layers": [32, 16], "dropout": 0.2, "trainable_layers": 2},
-                         3, 3, 32)
+    model = models.build({"name": "resnet18", "head_layers": [32, 16], "dropout": 0.2, "trainable_layers": 2}, 3, 3, 32)
     head = model.net.fc
     assert [m.out_features for m in head if isinstance(m, nn.Linear)] == [32, 16, 3]
     # ResNet stages are expanded into residual blocks: the last 2 blocks are layer4[1] and the head.

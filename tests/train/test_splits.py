@@ -1,5 +1,6 @@
 """Fold plans: patient-disjoint for every (outer, inner) pair, stable under the same seed,
 balanced/stratified objectives reach their targets, errors name the input."""
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,19 @@ def fake_index(sizes: list[list[int]], images_per_patient: int = 1) -> dict:
     shards = []
     for p, counts in enumerate(sizes):
         for im in range(images_per_patient):
-            part = {c: int(n) // images_per_patient + (im < int(n) % images_per_patient)
-                    for c, n in zip(CLASSES, counts)}
-            shards.append({"patient_id": f"P{p:02d}", "image_id": f"P{p:02d}_{im}", "n": sum(part.values()),
-                           "counts": part, "sha256": f"{p}-{im}", "path": f"/x/{p}_{im}.h5"})
+            part = {
+                c: int(n) // images_per_patient + (im < int(n) % images_per_patient) for c, n in zip(CLASSES, counts)
+            }
+            shards.append(
+                {
+                    "patient_id": f"P{p:02d}",
+                    "image_id": f"P{p:02d}_{im}",
+                    "n": sum(part.values()),
+                    "counts": part,
+                    "sha256": f"{p}-{im}",
+                    "path": f"/x/{p}_{im}.h5",
+                }
+            )
     return {"format": "medflow-index/1", "cohort": "demo", "class_names": CLASSES, "shards": shards}
 
 
@@ -34,10 +44,14 @@ def random_sizes(n: int, seed: int) -> list[list[int]]:
     return (rng.integers(0, 120, size=(n, 3)) * (rng.random((n, 3)) < 0.7)).tolist()
 
 
-def cfg_for(strategy: str = "kfold", outer: int = 5, inner: int = 3, balance: str = "stratified",
-            seed: int = 7) -> dict:
-    return {"seed": seed, "folds": {"strategy": strategy, "outer": outer, "inner": inner, "balance": balance},
-            "studies": {"s": {"cohort": "demo"}}}
+def cfg_for(
+    strategy: str = "kfold", outer: int = 5, inner: int = 3, balance: str = "stratified", seed: int = 7
+) -> dict:
+    return {
+        "seed": seed,
+        "folds": {"strategy": strategy, "outer": outer, "inner": inner, "balance": balance},
+        "studies": {"s": {"cohort": "demo"}},
+    }
 
 
 def assert_patient_disjoint(plan: dict) -> None:
@@ -57,15 +71,18 @@ def assert_patient_disjoint(plan: dict) -> None:
             assert not (tr & va) and not (tr & te) and not (va & te)
             assert tr | va == set(outer_split["train"])
             vals += f["val"]
-        assert sorted(vals) == sorted(outer_split["train"])   # inner val folds partition the train set
-    assert sorted(tested) == sorted(everyone)                  # outer test folds partition the cohort
+        assert sorted(vals) == sorted(outer_split["train"])  # inner val folds partition the train set
+    assert sorted(tested) == sorted(everyone)  # outer test folds partition the cohort
 
 
 @pytest.mark.parametrize("balance", ["stratified", "balanced"])
 @pytest.mark.parametrize("n_patients", [6, 13, 40])
 def test_kfold_plan_disjoint_for_every_pair(balance: str, n_patients: int) -> None:
-    plan = splits.make_plan(fake_index(random_sizes(n_patients, n_patients), 2),
-                            cfg_for(outer=5 if n_patients > 6 else 3, inner=2, balance=balance), "s")
+    plan = splits.make_plan(
+        fake_index(random_sizes(n_patients, n_patients), 2),
+        cfg_for(outer=5 if n_patients > 6 else 3, inner=2, balance=balance),
+        "s",
+    )
     assert plan["format"] == "medflow-folds/1" and plan["balance"] == balance
     assert len(plan["outer"]) == plan["k_outer"] and all(len(o["inner"]) == 2 for o in plan["outer"])
     assert_patient_disjoint(plan)
@@ -100,8 +117,9 @@ def test_balanced_reaches_exact_partition_when_one_exists() -> None:
 def test_stratified_balances_labels_better_than_chance() -> None:
     """Label-skewed patients: the stratified plan's per-label share deviation beats random splits."""
     rng = np.random.default_rng(5)
-    sizes = [[int(rng.integers(50, 100)) if (p % 3) == c else int(rng.integers(0, 10)) for c in range(3)]
-             for p in range(30)]
+    sizes = [
+        [int(rng.integers(50, 100)) if (p % 3) == c else int(rng.integers(0, 10)) for c in range(3)] for p in range(30)
+    ]
     index = fake_index(sizes)
     plan = splits.make_plan(index, cfg_for(outer=5, inner=2), "s")
     ours = plan["deviation"]["max_abs_outer"]["labels"]
@@ -150,7 +168,7 @@ def test_check_index_detects_a_stale_plan() -> None:
     index = fake_index(random_sizes(8, 2))
     plan = splits.make_plan(index, cfg_for(outer=4, inner=2), "s")
     splits.check_index(plan, index)
-    index["shards"][0]["counts"]["tumour"] += 1        # a re-extracted slide
+    index["shards"][0]["counts"]["tumour"] += 1  # a re-extracted slide
     with pytest.raises(InputError, match="different cohort index"):
         splits.check_index(plan, index, source="idx.json")
 
@@ -159,18 +177,19 @@ def test_check_index_detects_a_stale_plan() -> None:
 @pytest.fixture(scope="module")
 def index_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     rng = np.random.default_rng(0)
-    images = {f"img{i}": (f"pat{i % 7}", rng.integers(0, 2, size=int(rng.integers(5, 30))).tolist())
-              for i in range(10)}
-    return data.write_synthetic_cohort(tmp_path_factory.mktemp("c"), images, ["normal", "tumour"],
-                                       patch_shape=(4, 4, 3), cohort="wsi_demo")
+    images = {f"img{i}": (f"pat{i % 7}", rng.integers(0, 2, size=int(rng.integers(5, 30))).tolist()) for i in range(10)}
+    return data.write_synthetic_cohort(
+        tmp_path_factory.mktemp("c"), images, ["normal", "tumour"], patch_shape=(4, 4, 3), cohort="wsi_demo"
+    )
 
 
 def test_cli_plan_folds_byte_identical(default_cfg: dict, tmp_path: Path, index_path: str) -> None:
     cfg_path = write_config(default_cfg, tmp_path / "config.yaml")
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
     for out in outs:
-        rc = cli.main(["plan-folds", "--config", str(cfg_path), "--study", "wsi_demo",
-                       "--index", index_path, "--out", str(out)])
+        rc = cli.main(
+            ["plan-folds", "--config", str(cfg_path), "--study", "wsi_demo", "--index", index_path, "--out", str(out)]
+        )
         assert rc == 0
     assert outs[0].read_bytes() == outs[1].read_bytes()
     plan = splits.load_plan(outs[0])
@@ -179,20 +198,24 @@ def test_cli_plan_folds_byte_identical(default_cfg: dict, tmp_path: Path, index_
     assert_patient_disjoint(plan)
 
 
-def test_cli_errors_exit_2_and_write_nothing(default_cfg: dict, tmp_path: Path, index_path: str,
-                                             capsys: pytest.CaptureFixture) -> None:
+def test_cli_errors_exit_2_and_write_nothing(
+    default_cfg: dict, tmp_path: Path, index_path: str, capsys: pytest.CaptureFixture
+) -> None:
     default_cfg["folds"]["outer"] = 9
     cfg_path = write_config(default_cfg, tmp_path / "config.yaml")
     out = tmp_path / "plan.json"
-    rc = cli.main(["plan-folds", "--config", str(cfg_path), "--study", "wsi_demo", "--index", index_path,
-                   "--out", str(out)])
+    rc = cli.main(
+        ["plan-folds", "--config", str(cfg_path), "--study", "wsi_demo", "--index", index_path, "--out", str(out)]
+    )
     assert rc == 2 and not out.exists()
     err = capsys.readouterr().err
     assert index_path in err and "7 patients cannot fill 9 outer folds" in err
-    rc = cli.main(["plan-folds", "--config", str(cfg_path), "--study", "nope", "--index", index_path,
-                   "--out", str(out)])
+    rc = cli.main(
+        ["plan-folds", "--config", str(cfg_path), "--study", "nope", "--index", index_path, "--out", str(out)]
+    )
     assert rc == 2 and not out.exists()
-    rc = cli.main(["plan-folds", "--config", str(cfg_path), "--study", "hsi_demo", "--index", index_path,
-                   "--out", str(out)])
+    rc = cli.main(
+        ["plan-folds", "--config", str(cfg_path), "--study", "hsi_demo", "--index", index_path, "--out", str(out)]
+    )
     assert rc == 2 and "uses cohort" in capsys.readouterr().err
     assert list(tmp_path.glob("*.json")) == []

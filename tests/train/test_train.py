@@ -1,4 +1,5 @@
 """medflow train / select: data-parallel training jobs (real mpiexec, Horovod and DDP), resume, selection."""
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,7 @@ PATCH = (7, 7, 6)
 def _patches(rng: np.random.Generator, n: int) -> np.ndarray:
     """First half of every image is class 0, second half class 1: class 1 is brighter in 2 bands."""
     x = rng.standard_normal((n, *PATCH)).astype(np.float32)
-    x[n // 2:, :, :, :2] += 0.6
+    x[n // 2 :, :, :, :2] += 0.6
     return x.astype(np.float16)
 
 
@@ -44,17 +45,38 @@ def cohort(tmp_path_factory) -> dict:
     """6 patients × 1 image × 48 patches (HSI-like float16 7×7×6), fold plan 3 outer × 2 inner."""
     root = tmp_path_factory.mktemp("train")
     images = {f"img{p}": (f"P{p}", [0] * 24 + [1] * 24) for p in range(6)}
-    index = write_synthetic_cohort(root / "data", images, ["normal", "tumour"], patch_shape=PATCH,
-                                   dtype="float16", chunk_patches=16, cohort="syn", kind="hsi",
-                                   make_patches=_patches)
+    index = write_synthetic_cohort(
+        root / "data",
+        images,
+        ["normal", "tumour"],
+        patch_shape=PATCH,
+        dtype="float16",
+        chunk_patches=16,
+        cohort="syn",
+        kind="hsi",
+        make_patches=_patches,
+    )
     with open(ROOT / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)
     cfg["results"] = str(root / "results")
     cfg["site"]["name"] = "testsite"
-    cfg["cohorts"] = {"syn": {"kind": "hsi", "manifest": str(root / "data" / "manifest.csv")}}  # not read: the index is given
-    cfg["studies"] = {"syn": {"cohort": "syn", "model": {"name": "conv2dnet", "head_layers": [16], "dropout": 0.3},
-                              "train": {"epochs": 4, "batch_size": 8, "lr": 0.003, "augment": "dihedral",
-                                        "scheduler": "cosine", "warmup_epochs": 1}}}
+    cfg["cohorts"] = {
+        "syn": {"kind": "hsi", "manifest": str(root / "data" / "manifest.csv")}
+    }  # not read: the index is given
+    cfg["studies"] = {
+        "syn": {
+            "cohort": "syn",
+            "model": {"name": "conv2dnet", "head_layers": [16], "dropout": 0.3},
+            "train": {
+                "epochs": 4,
+                "batch_size": 8,
+                "lr": 0.003,
+                "augment": "dihedral",
+                "scheduler": "cosine",
+                "warmup_epochs": 1,
+            },
+        }
+    }
     cfg["launch"] = {"backend": "ddp", "ranks": 2, "threads_per_rank": 1}
     cfg = config_mod.validate(cfg)
     plan = make_plan(load_index(index), cfg, "syn")
@@ -68,8 +90,21 @@ def cohort(tmp_path_factory) -> dict:
 
 
 def _args(cohort: dict, out_dir: Path, inner: int | None = 1, backend: str = "ddp") -> list[str]:
-    args = ["train", "--config", cohort[f"config_{backend}"], "--study", "syn", "--index", cohort["index"],
-            "--folds", cohort["folds"], "--outer", "0", "--out-dir", str(out_dir)]
+    args = [
+        "train",
+        "--config",
+        cohort[f"config_{backend}"],
+        "--study",
+        "syn",
+        "--index",
+        cohort["index"],
+        "--folds",
+        cohort["folds"],
+        "--outer",
+        "0",
+        "--out-dir",
+        str(out_dir),
+    ]
     return args + (["--inner", str(inner)] if inner is not None else [])
 
 
@@ -101,14 +136,34 @@ def _assert_learned(out_dir: Path) -> dict:
 
 
 # ---- pure functions ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("env, expected", [
-    ({}, (0, 1, 0)),
-    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-      "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8"}, (3, 4, 1)),   # mpiexec inside sbatch
-    ({"SLURM_PROCID": "5", "SLURM_STEP_ID": "2", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "1",
-      "SLURM_NTASKS": "12"}, (5, 6, 1)),                                               # srun step
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, (0, 1, 0)),                           # batch script, no srun
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (0, 1, 0)),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "SLURM_PROCID": "0",
+                "SLURM_STEP_ID": "0",
+                "SLURM_NTASKS": "8",
+            },
+            (3, 4, 1),
+        ),  # mpiexec inside sbatch
+        (
+            {
+                "SLURM_PROCID": "5",
+                "SLURM_STEP_ID": "2",
+                "SLURM_STEP_NUM_TASKS": "6",
+                "SLURM_LOCALID": "1",
+                "SLURM_NTASKS": "12",
+            },
+            (5, 6, 1),
+        ),  # srun step
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, (0, 1, 0)),  # batch script, no srun
+    ],
+)
 def test_launcher_ranks_from_environment(env, expected):
     assert dist.launcher_ranks(env) == expected
 
@@ -116,7 +171,7 @@ def test_launcher_ranks_from_environment(env, expected):
 def test_mpi_yields_only_when_node_is_oversubscribed(monkeypatch):
     monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
-    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")   # 4 ranks × (1 thread + Horovod's) = 8 cores
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")  # 4 ranks × (1 thread + Horovod's) = 8 cores
     assert not dist.yield_when_oversubscribed(1) and "OMPI_MCA_mpi_yield_when_idle" not in os.environ
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "8")
     assert dist.yield_when_oversubscribed(1) and os.environ["OMPI_MCA_mpi_yield_when_idle"] == "1"
@@ -168,7 +223,7 @@ class _Batches:
         return -(-len(self.patches) // self.size)
 
     def batch(self, b: int):
-        return self.patches[b * self.size:(b + 1) * self.size], None
+        return self.patches[b * self.size : (b + 1) * self.size], None
 
 
 def test_batchnorm_recalibration_is_the_exact_average_and_skips_frozen_layers():
@@ -183,7 +238,7 @@ def test_batchnorm_recalibration_is_the_exact_average_and_skips_frozen_layers():
     frozen = models.build({"name": "resnet18", "trainable_layers": 2}, 2, 3, 32)  # layer4[1] + head
     before = frozen.net.bn1.running_mean.clone()
     assert recalibrate_batchnorm(frozen, _Batches(patches, 16), dist.Dist(), 1000) == 48
-    assert torch.equal(frozen.net.bn1.running_mean, before)        # frozen: pretrained statistics kept
+    assert torch.equal(frozen.net.bn1.running_mean, before)  # frozen: pretrained statistics kept
     assert not torch.equal(frozen.net.layer4[1].bn2.running_mean, torch.zeros(512))
     assert recalibrate_batchnorm(model, _Batches(patches, 16), dist.Dist(), 20) == 32  # cap, whole batches
 
@@ -233,7 +288,7 @@ def test_killed_job_resumes_to_identical_weights(cohort, single_run, tmp_path):
     rec = json.loads((out / "record.json").read_text())
     assert rec["resumed_from_epoch"] == 2 and rec["epochs_run"] == 4
     _assert_same_weights(out / "model.pt", single_run / "model.pt")
-    assert (out / "curves.csv").read_text() .count("\n") == 5
+    assert (out / "curves.csv").read_text().count("\n") == 5
 
 
 def test_rerun_of_finished_job_replaces_outputs_only_on_success(cohort, single_run, tmp_path):
@@ -260,9 +315,24 @@ def test_select_picks_inner_model_and_tests_outer_fold(cohort, single_run, tmp_p
     res = _run_cli(_args(cohort, inner0, inner=0))
     assert res.returncode == 0, res.stderr
     out = tmp_path / "outer0"
-    argv = ["select", "--config", cohort["config_ddp"], "--study", "syn", "--index", cohort["index"],
-            "--folds", cohort["folds"], "--outer", "0", "--inner-dirs", str(inner0), str(single_run),
-            "--out-dir", str(out)]
+    argv = [
+        "select",
+        "--config",
+        cohort["config_ddp"],
+        "--study",
+        "syn",
+        "--index",
+        cohort["index"],
+        "--folds",
+        cohort["folds"],
+        "--outer",
+        "0",
+        "--inner-dirs",
+        str(inner0),
+        str(single_run),
+        "--out-dir",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     rec = json.loads((out / "record.json").read_text())
     values = {c["inner"]: c["value"] for c in rec["candidates"]}
@@ -286,7 +356,10 @@ def _have_horovod() -> bool:
     return importlib.util.find_spec("horovod") is not None
 
 
-BACKENDS = ["ddp", pytest.param("horovod", marks=pytest.mark.skipif(not _have_horovod(), reason="horovod not installed"))]
+BACKENDS = [
+    "ddp",
+    pytest.param("horovod", marks=pytest.mark.skipif(not _have_horovod(), reason="horovod not installed")),
+]
 
 
 @pytest.mark.mpi
@@ -302,7 +375,9 @@ def test_two_rank_job_learns_with_identical_replicas(cohort, tmp_path, backend):
     assert rec["lr"]["peak"] == pytest.approx(2 * rec["lr"]["base"])  # linear LR scaling by world size
     # Resume: kill rank 0 after epoch 1, rerun, same final weights as the uninterrupted 2-rank run.
     resumed = tmp_path / f"{backend}-resumed"
-    killed = _run_cli(_args(cohort, resumed, backend=backend), n_ranks=2, env=fault_env(MEDFLOW_TEST_KILL_AFTER_EPOCH="1"))
+    killed = _run_cli(
+        _args(cohort, resumed, backend=backend), n_ranks=2, env=fault_env(MEDFLOW_TEST_KILL_AFTER_EPOCH="1")
+    )
     assert killed.returncode != 0 and not (resumed / "record.json").exists()
     again = _run_cli(_args(cohort, resumed, backend=backend), n_ranks=2)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -4,6 +4,7 @@ Fast checks (profile keys, the plugin's GPU task geometry, the container definit
 The cluster tests need root, slurm-wlm and munge; they skip cleanly otherwise. Every snakemake call
 runs under `timeout`: without working status queries the SLURM plugin waits forever.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ class Cluster(SimpleNamespace):
     """A running throw-away cluster: its directory and an environment whose PATH reaches it."""
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in ("MEDFLOW_SITE", "MEDFLOW_TEST_FAIL_ONCE")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in ("MEDFLOW_SITE", "MEDFLOW_TEST_FAIL_ONCE")
+        }
         env["PATH"] = f"{self.dir}/bin{os.pathsep}{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
         env["SLURM_CONF"] = f"{self.dir}/etc/slurm.conf"
         env.update(extra)
@@ -51,8 +55,9 @@ class Cluster(SimpleNamespace):
 
     def slurm(self, *args: str) -> str:
         """Run a SLURM client command against this cluster; return stdout."""
-        out = subprocess.run([f"{self.dir}/bin/{args[0]}", *args[1:]], capture_output=True, text=True,
-                             env=self.env(), timeout=30)
+        out = subprocess.run(
+            [f"{self.dir}/bin/{args[0]}", *args[1:]], capture_output=True, text=True, env=self.env(), timeout=30
+        )
         assert out.returncode == 0, f"{args}: {out.stderr}"
         return out.stdout
 
@@ -63,11 +68,28 @@ class Cluster(SimpleNamespace):
         return ids
 
 
-def run_snakemake(cluster: Cluster, workdir: Path, args: list[str], timeout_s: int, **env: str,
-                  ) -> subprocess.CompletedProcess:
+def run_snakemake(
+    cluster: Cluster,
+    workdir: Path,
+    args: list[str],
+    timeout_s: int,
+    **env: str,
+) -> subprocess.CompletedProcess:
     """snakemake --profile slurm ... under a hard timeout; returns the finished process (log in .stdout)."""
-    cmd = ["timeout", "-k", "15", str(timeout_s), str(VENV_BIN / "snakemake"), "--profile", str(PROFILE),
-           *FAST_POLL, "--verbose", "--directory", str(workdir), *args]
+    cmd = [
+        "timeout",
+        "-k",
+        "15",
+        str(timeout_s),
+        str(VENV_BIN / "snakemake"),
+        "--profile",
+        str(PROFILE),
+        *FAST_POLL,
+        "--verbose",
+        "--directory",
+        str(workdir),
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=workdir, env=cluster.env(**env), capture_output=True, text=True)
     proc.stdout = proc.stdout + proc.stderr
     (workdir / f"snakemake-{int(time.time() * 1000)}.log").write_text(proc.stdout)
@@ -77,9 +99,12 @@ def run_snakemake(cluster: Cluster, workdir: Path, args: list[str], timeout_s: i
 
 def sbatch_lines(log: str, rule: str) -> list[str]:
     """The plugin's logged sbatch calls for one rule (without the --wrap payload)."""
-    lines = [line.split(" --wrap=")[0] for line in log.splitlines()
-             if "sbatch call:" in line and f"--comment rule_{rule}" in line]
-    return [line[line.index("sbatch "):] for line in lines]
+    lines = [
+        line.split(" --wrap=")[0]
+        for line in log.splitlines()
+        if "sbatch call:" in line and f"--comment rule_{rule}" in line
+    ]
+    return [line[line.index("sbatch ") :] for line in lines]
 
 
 def assert_sbatch_line(line: str, *flags: str) -> None:
@@ -124,8 +149,14 @@ def _submit_line(resources: dict) -> str:
         __getattr__ = dict.__getitem__
 
     job = SimpleNamespace(resources=Res(resources), threads=resources.get("cpus_per_task", 1))
-    params = {"run_uuid": "medflow_x", "slurm_logfile": "x.log", "comment_str": "rule_train",
-              "account": "", "partition": "", "workdir": "/w"}
+    params = {
+        "run_uuid": "medflow_x",
+        "slurm_logfile": "x.log",
+        "comment_str": "rule_train",
+        "account": "",
+        "partition": "",
+        "workdir": "/w",
+    }
     return get_submit_command(job, params)
 
 
@@ -164,9 +195,25 @@ def test_container_image_follows_config(tmp_path):
 
     def dry_run(*extra: str) -> str:
         out = subprocess.run(
-            [str(VENV_BIN / "snakemake"), "-s", str(SNAKEFILE), "--configfile", str(tmp_path / "config.yaml"),
-             "--software-deployment-method", "apptainer", "-n", "--cores", "1", *extra],
-            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+            [
+                str(VENV_BIN / "snakemake"),
+                "-s",
+                str(SNAKEFILE),
+                "--configfile",
+                str(tmp_path / "config.yaml"),
+                "--software-deployment-method",
+                "apptainer",
+                "-n",
+                "--cores",
+                "1",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+        )
         assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
         return out.stdout + out.stderr
 
@@ -205,8 +252,25 @@ def cluster(tmp_path_factory):
     # 16 CPUs / 64 GB declared on a 2-core machine: all 8 two-rank training jobs of the demo run at once
     # instead of in waves, each wave costing a status-poll interval (jobs mostly wait on Python
     # start-up). Two fake GPUs let SLURM schedule the --gpus/--ntasks-per-gpu lines for real.
-    up = subprocess.run(["bash", str(CLUSTER_SH), "up", str(directory), "--cpus", "16", "--mem-mb", "64000",
-                         "--gpus", "2", "--name", "medflowci"], capture_output=True, text=True, timeout=120)
+    up = subprocess.run(
+        [
+            "bash",
+            str(CLUSTER_SH),
+            "up",
+            str(directory),
+            "--cpus",
+            "16",
+            "--mem-mb",
+            "64000",
+            "--gpus",
+            "2",
+            "--name",
+            "medflowci",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if up.returncode != 0:
         logs = "\n".join(p.read_text()[-2000:] for p in (directory / "log").glob("*.log"))
         pytest.fail(f"cluster.sh up failed:\n{up.stdout}{up.stderr}\n{logs}")
@@ -214,7 +278,7 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", str(CLUSTER_SH), "down", str(directory)], capture_output=True, timeout=120)
 
 
-TOY_SNAKEFILE = r'''
+TOY_SNAKEFILE = r"""
 rule all:
     input: "train.json", "flaky.txt"
 
@@ -235,7 +299,7 @@ rule flaky:
     output: "flaky.txt"
     resources: cpus_per_task=1, mem_mb=300, runtime=5
     shell: "test -e flaky.marker || {{ touch flaky.marker; exit 1; }}; echo ok > {output}"
-'''
+"""
 
 
 @pytest.mark.slow
@@ -243,8 +307,13 @@ rule flaky:
 def test_toy_workflow_through_slurm(cluster, tmp_path):
     """Array extraction jobs, a 2-rank srun job on (fake) GPUs, and a retried failure, on real SLURM."""
     (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
-    proc = run_snakemake(cluster, tmp_path, ["-s", str(tmp_path / "Snakefile"), "--slurm-array-jobs", "extract"],
-                         240, MEDFLOW_TOY_ENV="exported")
+    proc = run_snakemake(
+        cluster,
+        tmp_path,
+        ["-s", str(tmp_path / "Snakefile"), "--slurm-array-jobs", "extract"],
+        240,
+        MEDFLOW_TOY_ENV="exported",
+    )
     assert proc.returncode == 0, proc.stdout[-5000:]
     log = proc.stdout
 
@@ -254,8 +323,9 @@ def test_toy_workflow_through_slurm(cluster, tmp_path):
     assert re.search(r"--mem \d+", extract_line)
     # Training: 2 tasks, one rank per GPU (not the plugin's default of `tasks` ranks per GPU).
     (train_line,) = sbatch_lines(log, "train")
-    assert_sbatch_line(train_line, "--ntasks=2", "--ntasks-per-gpu=1", "--gpus=2", "--nodes=1",
-                       "--cpus-per-task=1", "--mem-per-cpu")
+    assert_sbatch_line(
+        train_line, "--ntasks=2", "--ntasks-per-gpu=1", "--gpus=2", "--nodes=1", "--cpus-per-task=1", "--mem-per-cpu"
+    )
     assert "--ntasks-per-gpu=2" not in train_line
 
     ids = cluster.known_job_ids()
@@ -281,9 +351,11 @@ def reduced_demo_config(tmp: Path, site: str = "") -> dict:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["results"] = str(tmp / "results")
     cfg["site"]["name"] = site  # "" → the SLURM cluster name
-    cfg["synth"] = {"out": cfg["synth"]["out"],
-                    "wsi": {"patients": 4, "max_slides_per_patient": 1, "width": 1024, "height": 768, "mpp": 0.5},
-                    "hsi": {"patients": 4, "mosaic_height": 100, "mosaic_width": 150}}
+    cfg["synth"] = {
+        "out": cfg["synth"]["out"],
+        "wsi": {"patients": 4, "max_slides_per_patient": 1, "width": 1024, "height": 768, "mpp": 0.5},
+        "hsi": {"patients": 4, "mosaic_height": 100, "mosaic_width": 150},
+    }
     move_demo(cfg, tmp / "data" / "demo")
     cfg["wsi"].update({"patch_size": 64, "sampling": {"mode": "random", "per_class": 8}})
     cfg["hsi"].update({"per_class": 40})
@@ -327,8 +399,13 @@ def test_demo_dag_through_slurm(cluster, tmp_path):
     cfg = reduced_demo_config(tmp_path)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     marker = tmp_path / "plan-folds.failed-once"
-    proc = run_snakemake(cluster, tmp_path, ["-s", str(SNAKEFILE), "--configfile", str(tmp_path / "config.yaml")],
-                         600, **fault_env(MEDFLOW_TEST_FAIL_ONCE=f"plan-folds:{marker}"))
+    proc = run_snakemake(
+        cluster,
+        tmp_path,
+        ["-s", str(SNAKEFILE), "--configfile", str(tmp_path / "config.yaml")],
+        600,
+        **fault_env(MEDFLOW_TEST_FAIL_ONCE=f"plan-folds:{marker}"),
+    )
     assert proc.returncode == 0, proc.stdout[-6000:]
     log = proc.stdout
     res = Path(cfg["results"]) / cluster.name  # site = the SLURM cluster name
@@ -374,10 +451,27 @@ def test_demo_dag_through_slurm(cluster, tmp_path):
     local_res = Path(cfg["results"]) / "local"
     targets = [f"{local_res}/folds/{study}.json" for study in cfg["studies"]]
     local = subprocess.run(
-        ["timeout", "-k", "10", "300", str(VENV_BIN / "snakemake"), "-s", str(SNAKEFILE), "--configfile",
-         str(tmp_path / "local.yaml"), "--cores", "2", "--directory", str(tmp_path), *targets],
-        cwd=tmp_path, env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"},
-        capture_output=True, text=True)
+        [
+            "timeout",
+            "-k",
+            "10",
+            "300",
+            str(VENV_BIN / "snakemake"),
+            "-s",
+            str(SNAKEFILE),
+            "--configfile",
+            str(tmp_path / "local.yaml"),
+            "--cores",
+            "2",
+            "--directory",
+            str(tmp_path),
+            *targets,
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+    )
     assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
     for shard in sorted(res.glob("shards/*/*.h5")):
         other = local_res / shard.relative_to(res)
@@ -396,11 +490,31 @@ def test_demo_dag_through_slurm(cluster, tmp_path):
     train_log.unlink()
     # A fresh job is cancelled (the finished run's checkpoint would make the rerun a pure resume).
     (run_dir / "checkpoint.pt").unlink()
-    cmd = ["timeout", "-k", "15", "300", str(VENV_BIN / "snakemake"), "--profile", str(PROFILE), *FAST_POLL,
-           "--retries", "0", "-s", str(SNAKEFILE), "--configfile", str(tmp_path / "config.yaml"),
-           "--directory", str(tmp_path), "--forcerun", "train", "--", target]
-    with subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as cancelled_run:
+    cmd = [
+        "timeout",
+        "-k",
+        "15",
+        "300",
+        str(VENV_BIN / "snakemake"),
+        "--profile",
+        str(PROFILE),
+        *FAST_POLL,
+        "--retries",
+        "0",
+        "-s",
+        str(SNAKEFILE),
+        "--configfile",
+        str(tmp_path / "config.yaml"),
+        "--directory",
+        str(tmp_path),
+        "--forcerun",
+        "train",
+        "--",
+        target,
+    ]
+    with subprocess.Popen(
+        cmd, cwd=tmp_path, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as cancelled_run:
         cancelled_id = _cancel_running_train_job(cluster, cancelled_run, train_log)
         out, _ = cancelled_run.communicate(timeout=300)
     assert cancelled_run.returncode not in (0, 124), out[-3000:]
@@ -410,8 +524,9 @@ def test_demo_dag_through_slurm(cluster, tmp_path):
         assert not (run_dir / name).exists(), f"{name} left behind by the cancelled job"
     assert not list(run_dir.glob(".*.tmp-*")), "temporary files left behind by the cancelled job"
 
-    rerun = run_snakemake(cluster, tmp_path, ["-s", str(SNAKEFILE), "--configfile", str(tmp_path / "config.yaml"),
-                                              "--", target], 300)
+    rerun = run_snakemake(
+        cluster, tmp_path, ["-s", str(SNAKEFILE), "--configfile", str(tmp_path / "config.yaml"), "--", target], 300
+    )
     assert rerun.returncode == 0, rerun.stdout[-4000:]
     record = json.loads((run_dir / "record.json").read_text())
     assert record["status"] == "ok" and record["launch"]["launcher"] == "srun"

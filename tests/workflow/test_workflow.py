@@ -1,4 +1,5 @@
 """End to end: the real Snakemake DAG on a small synthetic cohort (real OpenSlide, HDF5, MPI, training)."""
+
 from __future__ import annotations
 
 import csv
@@ -17,12 +18,22 @@ from conftest import ROOT, VENV_BIN
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
-E2E_CONFIG = ROOT / "tests" / "e2e" / "config.yaml"   # the smallest real run (README: quickest real run)
+E2E_CONFIG = ROOT / "tests" / "e2e" / "config.yaml"  # the smallest real run (README: quickest real run)
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [str(VENV_BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(E2E_CONFIG), "--cores", "2", *args]
+    cmd = [
+        str(VENV_BIN / "snakemake"),
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(E2E_CONFIG),
+        "--cores",
+        "2",
+        *args,
+    ]
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -58,7 +69,7 @@ def test_shards_hold_labelled_patches_matching_the_index(demo_run):
                 if kind == "wsi":
                     assert h5["patches"].shape[1:] == (224, 224, 3) and h5["patches"].dtype == np.uint8
                     assert set(np.unique(labels)) <= {0, 1}
-                    assert max(counts.values()) <= 12                   # n per class per slide
+                    assert max(counts.values()) <= 12  # n per class per slide
                 else:
                     assert h5["patches"].shape[1:] == (7, 7, 25)
                     assert max(counts.values()) <= 40
@@ -76,7 +87,7 @@ def test_fold_plan_keeps_each_patient_on_one_side(demo_run):
                 train, val = set(inner["train_patients"]), set(inner["val_patients"])
                 assert not (train & val) and not (train & test) and not (val & test)
                 assert train | val == set(outer["train_patients"])
-        assert len(tested) == len(set(tested)) == 4                   # every patient tested exactly once
+        assert len(tested) == len(set(tested)) == 4  # every patient tested exactly once
 
 
 def test_training_learns_and_runs_on_two_ranks(demo_run):
@@ -91,7 +102,7 @@ def test_training_learns_and_runs_on_two_ranks(demo_run):
             losses = [float(r["train_loss"]) for r in rows]
             assert losses[-1] < losses[0], (rec_path, losses)
     hsi_oacc = [read_json(p)["metrics"]["test"]["oacc"] for p in (res / "runs" / "hsi_demo").glob("outer*/record.json")]
-    assert np.mean(hsi_oacc) > 1 / 5 + 0.1                              # well above chance on five classes
+    assert np.mean(hsi_oacc) > 1 / 5 + 0.1  # well above chance on five classes
 
 
 def test_report_lists_the_site_with_measured_numbers(demo_run):
@@ -107,7 +118,9 @@ def test_report_lists_the_site_with_measured_numbers(demo_run):
     table = read_json(res / "report" / "report.json")["tables"]["training"]
     for study in ("wsi_demo", "hsi_demo"):
         row = dict(zip(table["columns"], next(r for r in table["rows"] if r[:2] == ["laptop", study])))
-        epochs = [read_json(p)["throughput"]["s_per_epoch"] for p in (res / "runs" / study).glob("outer*/inner*/record.json")]
+        epochs = [
+            read_json(p)["throughput"]["s_per_epoch"] for p in (res / "runs" / study).glob("outer*/inner*/record.json")
+        ]
         tests = [read_json(p)["metrics"]["test"]["oacc"] for p in (res / "runs" / study).glob("outer*/record.json")]
         assert row["s_per_epoch_mean"] == pytest.approx(np.mean(epochs)) and row["s_per_epoch_mean"] > 0
         assert row["test_oacc_mean"] == pytest.approx(np.mean(tests))
@@ -123,18 +136,21 @@ def test_rerun_after_success_does_nothing(demo_run):
 
 def _tree(root: Path) -> dict[str, str]:
     """Path → sha256 of every file under ``root`` except Snakemake's own state directory."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".snakemake" not in p.relative_to(root).parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".snakemake" not in p.relative_to(root).parts
+    }
 
 
 def test_dry_run_writes_nothing(demo_run, tmp_path):
     work, _ = demo_run
     before = _tree(work)
-    proc = snakemake(work, "-n", "--forceall")         # every job planned, none run
+    proc = snakemake(work, "-n", "--forceall")  # every job planned, none run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rule train" in proc.stdout + proc.stderr and _tree(work) == before
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     proc = snakemake(fresh, "-n")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _tree(fresh) == {}                            # not even the effective config file
+    assert _tree(fresh) == {}  # not even the effective config file

@@ -1,4 +1,5 @@
 """Reference check of `medflow bench` results: ReFrame-style bands per metric and site, and units."""
+
 from __future__ import annotations
 
 import sys
@@ -8,10 +9,19 @@ from typing import Any
 from ..core.errors import InputError
 
 CHECK_FAILED = 3
-UNITS = {"patches_per_s": "patches/s", "images_per_s": "images/s", "mpx_per_s": "megapixels/s",
-         "read_mb_per_s": "MB/s", "ms_per_patch": "ms/patch", "img_per_s": "images/s",
-         "img_per_s_per_device": "images/s per device", "scaling_efficiency": "fraction",
-         "algbw_gb_per_s": "GB/s", "busbw_gb_per_s": "GB/s", "latency_ms": "ms"}
+UNITS = {
+    "patches_per_s": "patches/s",
+    "images_per_s": "images/s",
+    "mpx_per_s": "megapixels/s",
+    "read_mb_per_s": "MB/s",
+    "ms_per_patch": "ms/patch",
+    "img_per_s": "images/s",
+    "img_per_s_per_device": "images/s per device",
+    "scaling_efficiency": "fraction",
+    "algbw_gb_per_s": "GB/s",
+    "busbw_gb_per_s": "GB/s",
+    "latency_ms": "ms",
+}
 
 
 def unit_of(metric: str) -> str:
@@ -34,10 +44,25 @@ def check(result: dict[str, Any], references: dict[str, dict[str, Any]]) -> list
         lo, hi = min(lo, hi), max(lo, hi)  # negative reference values flip the band
         measured = result.get("metrics", {}).get(metric)
         ok = measured is not None and lo <= float(measured) <= hi
-        verdicts.append({"metric": metric, "measured": measured, "reference": value, "lower": lo, "upper": hi,
-                         "ok": ok, "reason": "" if ok else ("not measured" if measured is None else
-                                                             "below reference band" if measured < lo else
-                                                             "above reference band")})
+        verdicts.append(
+            {
+                "metric": metric,
+                "measured": measured,
+                "reference": value,
+                "lower": lo,
+                "upper": hi,
+                "ok": ok,
+                "reason": ""
+                if ok
+                else (
+                    "not measured"
+                    if measured is None
+                    else "below reference band"
+                    if measured < lo
+                    else "above reference band"
+                ),
+            }
+        )
     return verdicts
 
 

@@ -5,6 +5,7 @@ paths at realistic cost (tissue detection finds tissue, quality checks pass, dec
 demo cohort (`medflow.demo`, whose content is meant to be learned) is separate, and nothing in the
 product depends on it.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,11 +24,19 @@ from ..extract.wsi.annotations import write_asap_xml
 from ..extract.wsi.pyramid import write_pyramid_tiff
 
 
-def write_synthetic_cohort(root: str | os.PathLike, images: dict[str, tuple[str, list[int]]],
-                           class_names: list[str], patch_shape: tuple[int, ...] = (16, 16, 3),
-                           dtype: str = "uint8", chunk_patches: int = 32, seed: int = 0,
-                           cohort: str = "synthetic", kind: str = "wsi", compression: str = "none",
-                           make_patches: Callable[[np.random.Generator, int], np.ndarray] | None = None) -> str:
+def write_synthetic_cohort(
+    root: str | os.PathLike,
+    images: dict[str, tuple[str, list[int]]],
+    class_names: list[str],
+    patch_shape: tuple[int, ...] = (16, 16, 3),
+    dtype: str = "uint8",
+    chunk_patches: int = 32,
+    seed: int = 0,
+    cohort: str = "synthetic",
+    kind: str = "wsi",
+    compression: str = "none",
+    make_patches: Callable[[np.random.Generator, int], np.ndarray] | None = None,
+) -> str:
     """Write one real shard per image (``image_id -> (patient_id, labels)``) through ``ShardWriter``,
     plus extraction records and the cohort index; return the index path. Pixels are uniform noise
     unless ``make_patches(rng, n)`` supplies them."""
@@ -43,23 +52,32 @@ def write_synthetic_cohort(root: str | os.PathLike, images: dict[str, tuple[str,
             patches = rng.standard_normal((n, *patch_shape)).astype(dtype)
         else:
             patches = rng.integers(0, 256, size=(n, *patch_shape), dtype=np.uint8).astype(dtype)
-        attrs = {"kind": kind, "image_id": image_id, "patient_id": patient_id, "cohort": cohort,
-                 "class_names": class_names, "patch_size": patch_shape[0], "channels": patch_shape[-1],
-                 "seed": seed}
+        attrs = {
+            "kind": kind,
+            "image_id": image_id,
+            "patient_id": patient_id,
+            "cohort": cohort,
+            "class_names": class_names,
+            "patch_size": patch_shape[0],
+            "channels": patch_shape[-1],
+            "seed": seed,
+        }
         shard = root / "shards" / f"{image_id}.h5"
-        with ShardWriter(shard, patch_shape, dtype, attrs, chunk_patches=chunk_patches,
-                         compression=compression) as writer:
+        with ShardWriter(
+            shard, patch_shape, dtype, attrs, chunk_patches=chunk_patches, compression=compression
+        ) as writer:
             for lo in range(0, n, 256):
                 coords = np.column_stack([np.arange(lo, min(lo + 256, n))] * 2)
-                writer.append(patches[lo:lo + 256], coords, labels[lo:lo + 256])
+                writer.append(patches[lo : lo + 256], coords, labels[lo : lo + 256])
         record = shard.with_name(f"{image_id}.record.json")
-        fsio.write_json(record, {"status": "ok", "shard": shard.name, "image_id": image_id,
-                                 "patient_id": patient_id, "cohort": cohort})
+        fsio.write_json(
+            record,
+            {"status": "ok", "shard": shard.name, "image_id": image_id, "patient_id": patient_id, "cohort": cohort},
+        )
         records.append(record)
     index_path = root / "index" / f"{cohort}.json"
     build_index(records, index_path, cohort, kind)
     return str(index_path)
-
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, int], cell: int) -> np.ndarray:
@@ -91,7 +109,7 @@ def write_hsi(directory: Path, rng: np.random.Generator, height: int, width: int
     spectra = 0.3 + 0.5 * rng.random((4, bands))
     reflectance = spectra[truth] * (1 + 0.05 * rng.standard_normal((h, w, 1)))
 
-    def mosaic(cube: np.ndarray) -> np.ndarray:    # band b at tile offset (b // size, b % size)
+    def mosaic(cube: np.ndarray) -> np.ndarray:  # band b at tile offset (b // size, b % size)
         return cube.reshape(h, w, size, size).transpose(0, 2, 1, 3).reshape(h * size, w * size)
 
     dark = 90.0 + 6.0 * rng.random((h * size, w * size))
@@ -103,5 +121,11 @@ def write_hsi(directory: Path, rng: np.random.Generator, height: int, width: int
         np.save(paths[name], np.clip(np.round(frame), 0, 4095).astype(np.uint16))
     gt = directory / "hsi_gt.png"
     Image.fromarray((truth + 1).astype(np.uint8)).save(gt)
-    return ImageEntry(image_id="bench_hsi", patient_id="bench", image=str(paths["raw"]), annotation=str(gt),
-                      white=str(paths["white"]), dark=str(paths["dark"]))
+    return ImageEntry(
+        image_id="bench_hsi",
+        patient_id="bench",
+        image=str(paths["raw"]),
+        annotation=str(gt),
+        white=str(paths["white"]),
+        dark=str(paths["dark"]),
+    )

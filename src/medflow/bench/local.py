@@ -5,6 +5,7 @@ Each runs the product's own code on synthetic inputs (`medflow.bench.inputs`) fo
 all allocated cores), `medflow.extract.hsi.chain.process_image` (images/s), and shuffled whole-chunk
 reads through `medflow.train.loader` (MB/s, ms/patch).
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,6 +50,7 @@ def measure_wsi(cfg: dict, seconds: float, scratch: Path, quick: bool) -> dict[s
         def step() -> float:
             rec = extract_slide(entry, wcfg, "bench", out, rec_path, force=True, verbose=False)
             return float(rec["n_patches"])
+
         reps, patches, elapsed = repeat_for(seconds, step)
         metrics[f"wsi.patches_per_s.{label}"] = patches / elapsed
         details["runs"][label] = {"workers": workers, "extractions": reps, "patches": patches, "seconds": elapsed}
@@ -70,10 +72,13 @@ def measure_hsi(cfg: dict, seconds: float, scratch: Path, quick: bool) -> dict[s
         for k, v in timings.items():
             stage_sums[k] = stage_sums.get(k, 0.0) + float(v)
         return 1.0
+
     reps, images, elapsed = repeat_for(seconds, step)
     stage_sums = {k: v / (reps + 1) for k, v in stage_sums.items()}  # the warm-up step is included
-    return {"metrics": {"hsi.images_per_s": images / elapsed, "hsi.mpx_per_s": images * h * w / elapsed / 1e6},
-            "details": {"mosaic": [h, w], "images": reps, "seconds": elapsed, "stage_s_per_image": stage_sums}}
+    return {
+        "metrics": {"hsi.images_per_s": images / elapsed, "hsi.mpx_per_s": images * h * w / elapsed / 1e6},
+        "details": {"mosaic": [h, w], "images": reps, "seconds": elapsed, "stage_s_per_image": stage_sums},
+    }
 
 
 # ---- HDF5 reads through the loader ----------------------------------------------------------------
@@ -82,9 +87,15 @@ def measure_hdf5(cfg: dict, seconds: float, scratch: Path, quick: bool) -> dict[
     n_patches = 256 if quick else 1024
     labels = [i % 2 for i in range(n_patches // 2)]
     index_path = inputs.write_synthetic_cohort(
-        scratch / "hdf5", {"img0": ("p0", labels), "img1": ("p1", labels)}, ["normal", "tumour"],
-        patch_shape=(size, size, 3), chunk_patches=int(cfg["shards"]["chunk_patches"]), seed=int(cfg["seed"]),
-        cohort="bench", compression=cfg["shards"]["compression"])
+        scratch / "hdf5",
+        {"img0": ("p0", labels), "img1": ("p1", labels)},
+        ["normal", "tumour"],
+        patch_shape=(size, size, 3),
+        chunk_patches=int(cfg["shards"]["chunk_patches"]),
+        seed=int(cfg["seed"]),
+        cohort="bench",
+        compression=cfg["shards"]["compression"],
+    )
     pset = PatchSet(load_index(index_path), ["p0", "p1"])
     loader = make_loader(pset, batch_size=64, shuffle=True, seed=int(cfg["seed"]), preload=False)
     epochs = [0]
@@ -96,11 +107,22 @@ def measure_hdf5(cfg: dict, seconds: float, scratch: Path, quick: bool) -> dict[
         for x, _ in loader:
             n += len(x)
         return float(n)
+
     reps, patches, elapsed = repeat_for(seconds, step)
     patch_bytes = size * size * 3
     pset.close()
-    return {"metrics": {"hdf5.read_mb_per_s": patches * patch_bytes / elapsed / 1e6,
-                        "hdf5.ms_per_patch": 1000.0 * elapsed / patches},
-            "details": {"patches": patches, "epochs": reps, "seconds": elapsed, "patch_bytes": patch_bytes,
-                        "batch": 64, "chunk_patches": int(cfg["shards"]["chunk_patches"]),
-                        "note": "shuffled whole-chunk streaming reads (preload off), warm page cache"}}
+    return {
+        "metrics": {
+            "hdf5.read_mb_per_s": patches * patch_bytes / elapsed / 1e6,
+            "hdf5.ms_per_patch": 1000.0 * elapsed / patches,
+        },
+        "details": {
+            "patches": patches,
+            "epochs": reps,
+            "seconds": elapsed,
+            "patch_bytes": patch_bytes,
+            "batch": 64,
+            "chunk_patches": int(cfg["shards"]["chunk_patches"]),
+            "note": "shuffled whole-chunk streaming reads (preload off), warm page cache",
+        },
+    }

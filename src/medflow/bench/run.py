@@ -7,6 +7,7 @@ site identity, software versions and a flat ``metrics`` map. ``--check`` compare
 ``bench.references[<site>]`` with its ReFrame-style band (`medflow.bench.check`) and exits 3 naming
 every metric outside its band (or not measured).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,17 +31,29 @@ BENCH_FORMAT = "medflow-bench/1"
 GROUPS = ("wsi", "hsi", "hdf5", "train", "allreduce")
 
 
-def run_bench(cfg: dict, cfg_path: Path, groups: list[str], quick: bool,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(
+    cfg: dict, cfg_path: Path, groups: list[str], quick: bool, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run the selected measurement groups; a group that cannot run here is listed under ``skipped``."""
     seconds = min(float(cfg["bench"]["seconds"]), 1.0) if quick else float(cfg["bench"]["seconds"])
     started, t0 = now_iso(), time.perf_counter()
     result: dict[str, Any] = {
-        "format": BENCH_FORMAT, "site": provenance.site_info(cfg), "software": provenance.software(),
-        "launch": provenance.launch_info(), "config_hash": config_mod.section_hash(
-            cfg, "bench", "wsi", "hsi", "shards", "launch", "studies"),
-        "seed": cfg["seed"], "quick": quick, "seconds_per_measurement": seconds, "groups": groups,
-        "started": started, "metrics": {}, "units": {}, "details": {}, "skipped": {}, "timings_s": {}}
+        "format": BENCH_FORMAT,
+        "site": provenance.site_info(cfg),
+        "software": provenance.software(),
+        "launch": provenance.launch_info(),
+        "config_hash": config_mod.section_hash(cfg, "bench", "wsi", "hsi", "shards", "launch", "studies"),
+        "seed": cfg["seed"],
+        "quick": quick,
+        "seconds_per_measurement": seconds,
+        "groups": groups,
+        "started": started,
+        "metrics": {},
+        "units": {},
+        "details": {},
+        "skipped": {},
+        "timings_s": {},
+    }
     with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
         scratch = Path(tmp)
         for group in groups:
@@ -64,8 +77,6 @@ def run_bench(cfg: dict, cfg_path: Path, groups: list[str], quick: bool,
     return result
 
 
-
-
 _MEASURE: dict[str, Callable[..., dict[str, Any]]] = {
     "wsi": lambda cfg, s, d, q, p: measure_wsi(cfg, s, d, q),
     "hsi": lambda cfg, s, d, q, p: measure_hsi(cfg, s, d, q),
@@ -77,10 +88,16 @@ _MEASURE: dict[str, Callable[..., dict[str, Any]]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
-    p.add_argument("--out", help="results JSON (results/<site>/bench/<host>.json); an existing directory → "
-                                 "<dir>/<host>.json; required unless --from-results")
-    p.add_argument("--check", action="store_true",
-                   help=f"compare with bench.references[<site>]; exit {CHECK_FAILED} naming each metric outside its band")
+    p.add_argument(
+        "--out",
+        help="results JSON (results/<site>/bench/<host>.json); an existing directory → "
+        "<dir>/<host>.json; required unless --from-results",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help=f"compare with bench.references[<site>]; exit {CHECK_FAILED} naming each metric outside its band",
+    )
     p.add_argument("--quick", action="store_true", help="≤ 1 s per measurement and small inputs (smoke test)")
     p.add_argument("--only", help=f"comma-separated measurement groups ({','.join(GROUPS)}); default bench.measure")
     p.add_argument("--from-results", metavar="JSON", help="check an existing results file instead of measuring")
@@ -125,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             result["check"] = {"site": site, "verdicts": check(result, references)}
         fsio.write_json(out, result)
-        print(f"bench {out}: {len(result['metrics'])} metrics in {result['wall_s']:.1f} s"
-              + (f"; skipped {sorted(result['skipped'])}" if result["skipped"] else ""))
+        print(
+            f"bench {out}: {len(result['metrics'])} metrics in {result['wall_s']:.1f} s"
+            + (f"; skipped {sorted(result['skipped'])}" if result["skipped"] else "")
+        )
     if args.check:
         return report_check(check(result, references), site)
     return 0

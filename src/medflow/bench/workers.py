@@ -1,6 +1,7 @@
 """Distributed measurements of `medflow bench`: training images/s per device for 1..N ranks and allreduce
 bandwidth, each run as ranks of this command's worker mode under the launcher (`mpiexec -n r` locally),
 through the training jobs' own data-parallel path (`medflow.train.dist`, Horovod or DDP)."""
+
 from __future__ import annotations
 
 import os
@@ -75,7 +76,12 @@ def _spec(cfg: dict, study: dict, kind: str) -> dict[str, Any]:
     common = {"model": study["model"], "train": study["train"], "batch": int(study["train"]["batch_size"])}
     if kind == "hsi":
         k, bands = int(cfg["hsi"]["patch"]), len(cfg["hsi"]["wavelengths"]) or int(cfg["hsi"]["mosaic"]["size"]) ** 2
-        return {**common, "shape": [k, k, bands], "dtype": cfg["hsi"]["dtype"], "classes": len(cfg["hsi"]["class_names"])}
+        return {
+            **common,
+            "shape": [k, k, bands],
+            "dtype": cfg["hsi"]["dtype"],
+            "classes": len(cfg["hsi"]["class_names"]),
+        }
     size = int(cfg["wsi"]["patch_size"])
     return {**common, "shape": [size, size, 3], "dtype": "uint8", "classes": len(cfg["wsi"]["labels"]["classes"])}
 
@@ -93,9 +99,16 @@ def worker_train(cfg: dict, model_name: str, seconds: float, out: Path, ranks: i
     lr = scaled_lr(float(tc["lr"]), d.size, tc["lr_scaling"])
     opt = d.wrap_optimizer(make_optimizer([p for p in net.parameters() if p.requires_grad], tc, lr), net)
     d.broadcast_state(net, opt)
-    trainer = Trainer(model=d.wrap_model(net), optimizer=opt, criterion=torch.nn.CrossEntropyLoss(), d=d,
-                            train_cfg=tc, peak_lr=lr, base_lr=lr,
-                            scaler=torch.amp.GradScaler("cuda") if on_cuda and tc["amp"] else None)
+    trainer = Trainer(
+        model=d.wrap_model(net),
+        optimizer=opt,
+        criterion=torch.nn.CrossEntropyLoss(),
+        d=d,
+        train_cfg=tc,
+        peak_lr=lr,
+        base_lr=lr,
+        scaler=torch.amp.GradScaler("cuda") if on_cuda and tc["amp"] else None,
+    )
     trainer.model.train()
     gen = torch.Generator().manual_seed(stream_seed(cfg["seed"], "bench", "batch", d.rank))
     if spec["dtype"] == "uint8":
@@ -109,15 +122,29 @@ def worker_train(cfg: dict, model_name: str, seconds: float, out: Path, ranks: i
         with trainer.autocast():
             loss = models.loss_of(trainer.model(x), y, trainer.criterion)
         trainer.step(loss)
+
     steps, elapsed = _timed_steps(d, step, seconds, min_steps=3)
     if d.is_root:
         device = d.devices[0] if d.devices else "cpu"
-        fsio.write_json(out, {"model": model_name, "ranks": d.size, "backend": d.backend, "steps": steps,
-                              "batch_per_rank": spec["batch"], "shape": spec["shape"], "dtype": spec["dtype"],
-                              "device": device, "amp": bool(amp), "optimizer": tc["optimizer"],
-                              "threads_per_rank": int(cfg["launch"]["threads_per_rank"]), "seconds": elapsed,
-                              "img_per_s": steps * spec["batch"] * d.size / elapsed,
-                              "img_per_s_per_device": steps * spec["batch"] / elapsed})
+        fsio.write_json(
+            out,
+            {
+                "model": model_name,
+                "ranks": d.size,
+                "backend": d.backend,
+                "steps": steps,
+                "batch_per_rank": spec["batch"],
+                "shape": spec["shape"],
+                "dtype": spec["dtype"],
+                "device": device,
+                "amp": bool(amp),
+                "optimizer": tc["optimizer"],
+                "threads_per_rank": int(cfg["launch"]["threads_per_rank"]),
+                "seconds": elapsed,
+                "img_per_s": steps * spec["batch"] * d.size / elapsed,
+                "img_per_s_per_device": steps * spec["batch"] / elapsed,
+            },
+        )
     d.shutdown()
 
 
@@ -132,20 +159,32 @@ def worker_allreduce(cfg: dict, seconds: float, out: Path, ranks: int | None = N
     buf = torch.ones(n, dtype=torch.float32, device=d.device)
     if d.backend == "horovod":
         import horovod.torch as hvd
+
         op = lambda: hvd.allreduce_(buf, op=hvd.Sum, name="medflow.bench.allreduce")  # noqa: E731
         library = "horovod"
     else:
         import torch.distributed as td
+
         op = lambda: td.all_reduce(buf)  # noqa: E731
         library = f"torch.distributed/{td.get_backend()}"
     steps, elapsed = _timed_steps(d, op, seconds, min_steps=5)
     if d.is_root:
         nbytes = n * 4
         algbw = nbytes * steps / elapsed / 1e9
-        fsio.write_json(out, {"ranks": d.size, "bytes": nbytes, "steps": steps, "seconds": elapsed,
-                              "device": d.devices[0] if d.devices else "cpu", "backend": library,
-                              "algbw_gb_per_s": algbw, "busbw_gb_per_s": algbw * 2 * (d.size - 1) / d.size,
-                              "latency_ms": 1000 * elapsed / steps})
+        fsio.write_json(
+            out,
+            {
+                "ranks": d.size,
+                "bytes": nbytes,
+                "steps": steps,
+                "seconds": elapsed,
+                "device": d.devices[0] if d.devices else "cpu",
+                "backend": library,
+                "algbw_gb_per_s": algbw,
+                "busbw_gb_per_s": algbw * 2 * (d.size - 1) / d.size,
+                "latency_ms": 1000 * elapsed / steps,
+            },
+        )
     d.shutdown()
 
 
@@ -160,8 +199,20 @@ def mpi_command(cfg: dict, ranks: int) -> list[str]:
 
 def launch_worker(cfg_path: Path, cfg: dict, ranks: int, worker_args: list[str], out: Path, timeout: float) -> dict:
     """Run this command's worker mode on ``ranks`` ranks (plain subprocess for 1) and read rank 0's JSON."""
-    cmd = [sys.executable, "-m", "medflow.cli", "bench", "--config", str(cfg_path), "--worker", *worker_args,
-           "--ranks", str(ranks), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medflow.cli",
+        "bench",
+        "--config",
+        str(cfg_path),
+        "--worker",
+        *worker_args,
+        "--ranks",
+        str(ranks),
+        "--out",
+        str(out),
+    ]
     if ranks > 1:
         cmd = [*mpi_command(cfg, ranks), *cmd]
     env = dict(os.environ)
@@ -193,8 +244,14 @@ def measure_train(cfg: dict, seconds: float, scratch: Path, quick: bool, cfg_pat
         runs = {}
         for r in _rank_counts(cfg):
             try:
-                runs[r] = launch_worker(cfg_path, cfg, r, ["train", "--model", model, "--seconds", str(seconds)],
-                                        scratch / f"train_{model}_{r}.json", timeout=120 + 20 * seconds)
+                runs[r] = launch_worker(
+                    cfg_path,
+                    cfg,
+                    r,
+                    ["train", "--model", model, "--seconds", str(seconds)],
+                    scratch / f"train_{model}_{r}.json",
+                    timeout=120 + 20 * seconds,
+                )
             except Unavailable as exc:
                 skipped[f"{model}.r{r}"] = str(exc)
         for r, res in runs.items():
@@ -209,7 +266,15 @@ def measure_train(cfg: dict, seconds: float, scratch: Path, quick: bool, cfg_pat
 
 
 def measure_allreduce(cfg: dict, seconds: float, scratch: Path, quick: bool, cfg_path: Path) -> dict[str, Any]:
-    res = launch_worker(cfg_path, cfg, 2, ["allreduce", "--seconds", str(seconds)], scratch / "allreduce.json",
-                        timeout=120 + 10 * seconds)
-    return {"metrics": {f"allreduce.{k}": res[k] for k in ("algbw_gb_per_s", "busbw_gb_per_s", "latency_ms")},
-            "details": res}
+    res = launch_worker(
+        cfg_path,
+        cfg,
+        2,
+        ["allreduce", "--seconds", str(seconds)],
+        scratch / "allreduce.json",
+        timeout=120 + 10 * seconds,
+    )
+    return {
+        "metrics": {f"allreduce.{k}": res[k] for k in ("algbw_gb_per_s", "busbw_gb_per_s", "latency_ms")},
+        "details": res,
+    }

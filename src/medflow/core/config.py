@@ -1,4 +1,5 @@
 """Load and validate the workflow config exactly as the Snakefile does (same schema, same defaults)."""
+
 from __future__ import annotations
 
 import copy

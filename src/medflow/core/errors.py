@@ -1,4 +1,5 @@
 """One error type for bad user input: it names the file and the problem."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ A reader never sees a half-written file, and a failed or killed job leaves nothi
 (the temporary is removed on error; a SIGKILL leaves only a hidden ``.*.tmp-*`` file that the
 next run of the same job overwrites). Existing outputs are replaced only on success.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,14 +98,14 @@ def read_json_document(path: str | Path, what: str, fmt: str | None = None) -> d
 def write_npy(path: str | Path, array: Any) -> None:
     import numpy as np
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a file object: np.save appends ".npy" to names
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.save appends ".npy" to names
         np.save(fh, array, allow_pickle=False)
 
 
 def write_npz(path: str | Path, compressed: bool = False, **arrays: Any) -> None:
     import numpy as np
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # a file object: np.savez appends ".npz" to names
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez appends ".npz" to names
         (np.savez_compressed if compressed else np.savez)(fh, **arrays)
 
 

@@ -3,6 +3,7 @@
 The fold plan, training, selection and prediction read only the index and the shards it lists.
 Shard paths are stored relative to the index file. Format in docs/architecture.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ from .shards import shard_summary
 INDEX_FORMAT = "medflow-index/1"
 
 
-def build_index(records: Iterable[str | Path], out: str | Path, cohort: str, kind: str,
-                cfg: dict | None = None) -> dict[str, Any]:
+def build_index(
+    records: Iterable[str | Path], out: str | Path, cohort: str, kind: str, cfg: dict | None = None
+) -> dict[str, Any]:
     """Gather extraction records into the cohort index (one JSON file), written atomically."""
     out = Path(out)
     shards: list[dict[str, Any]] = []
@@ -29,8 +31,9 @@ def build_index(records: Iterable[str | Path], out: str | Path, cohort: str, kin
     for rec_path in sorted(Path(p) for p in records):
         rec = fsio.read_json(rec_path)
         if rec.get("status") != "ok" or not rec.get("shard"):
-            failed.append({"image_id": rec.get("image_id"), "patient_id": rec.get("patient_id"),
-                           "error": rec.get("error")})
+            failed.append(
+                {"image_id": rec.get("image_id"), "patient_id": rec.get("patient_id"), "error": rec.get("error")}
+            )
             continue
         shard_path = (rec_path.parent / rec["shard"]).resolve()
         entry = shard_summary(shard_path)
@@ -46,11 +49,19 @@ def build_index(records: Iterable[str | Path], out: str | Path, cohort: str, kin
     totals: Counter[str] = Counter()
     for entry in shards:
         totals.update(entry["counts"])
-    index = {"format": INDEX_FORMAT, "cohort": cohort, "kind": kind, "class_names": class_names,
-             "shards": shards, "failed": failed, "totals": {k: int(totals[k]) for k in class_names},
-             "patients": sorted({s["patient_id"] for s in shards}),
-             "config_hash": config_mod.section_hash(cfg, "cohorts", kind, "shards") if cfg else None,
-             "seed": (cfg or {}).get("seed"), "software": provenance.software()}
+    index = {
+        "format": INDEX_FORMAT,
+        "cohort": cohort,
+        "kind": kind,
+        "class_names": class_names,
+        "shards": shards,
+        "failed": failed,
+        "totals": {k: int(totals[k]) for k in class_names},
+        "patients": sorted({s["patient_id"] for s in shards}),
+        "config_hash": config_mod.section_hash(cfg, "cohorts", kind, "shards") if cfg else None,
+        "seed": (cfg or {}).get("seed"),
+        "software": provenance.software(),
+    }
     fsio.write_json(out, index)
     return index
 

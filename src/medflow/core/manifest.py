@@ -3,6 +3,7 @@
 A cohort is named in the config (``cohorts.<name>``) with the CSV manifest that lists its images;
 there is no implicit cohort: the demo writes real manifests too (``medflow synth``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,11 +23,11 @@ class ImageEntry:
     image_id: str
     patient_id: str
     image: str
-    annotation: str = ""     # WSI: ASAP XML / GeoJSON polygons; HSI: ground-truth map
-    white: str = ""          # HSI raw mosaics: white reference frame
-    dark: str = ""           # HSI raw mosaics: dark reference frame
+    annotation: str = ""  # WSI: ASAP XML / GeoJSON polygons; HSI: ground-truth map
+    white: str = ""  # HSI raw mosaics: white reference frame
+    dark: str = ""  # HSI raw mosaics: dark reference frame
     mpp: float | None = None  # WSI: level-0 µm/px when the slide has no mpp metadata
-    mask: str = ""           # WSI: optional user tissue mask image
+    mask: str = ""  # WSI: optional user tissue mask image
 
     def files(self) -> list[str]:
         """Every input file of this entry (what a Snakemake rule depends on)."""

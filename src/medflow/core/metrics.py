@@ -7,6 +7,7 @@ nodes import just NumPy. ``classification_metrics`` is what every job record sto
 Undefined values are ``None`` (JSON null), never NaN or a silent 0: a recall of a class with no
 true samples, a specificity with no negatives, an AUC with fewer than two classes present.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def _check_inputs(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[
     return y_true, y_prob
 
 
-def classification_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str],
-                           positive_class: str | None = None) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str], positive_class: str | None = None
+) -> dict[str, Any]:
     """All metrics a job record stores, from labels (N,) and class probabilities (N, C).
 
     Predictions are ``argmax(y_prob)``. ``sensitivity``/``specificity`` treat ``positive_class``
@@ -96,8 +98,8 @@ def classification_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: 
     y_pred = y_prob.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     cm = confusion_matrix(y_true, y_pred, n_classes)
     tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)          # true count per class
-    predicted = cm.sum(axis=0)        # predicted count per class
+    support = cm.sum(axis=1)  # true count per class
+    predicted = cm.sum(axis=0)  # predicted count per class
 
     recall = {name: _safe_div(tp[i], support[i]) for i, name in enumerate(class_names)}
     # sklearn's macro F1 averages over the labels present in y_true or y_pred.
@@ -154,7 +156,8 @@ def aggregate(per_fold: Sequence[dict[str, Any]], keys: Sequence[str] = SCALAR_K
     """mean ± std over folds of each scalar metric, and of each class's recall."""
     out: dict[str, Any] = {key: mean_std(m.get(key) for m in per_fold) for key in keys}
     names = per_fold[0].get("class_names", []) if per_fold else []
-    out["per_class_recall"] = {name: mean_std(m.get("per_class_recall", {}).get(name) for m in per_fold)
-                               for name in names}
+    out["per_class_recall"] = {
+        name: mean_std(m.get("per_class_recall", {}).get(name) for m in per_fold) for name in names
+    }
     out["n_folds"] = len(per_fold)
     return out

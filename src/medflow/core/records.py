@@ -1,4 +1,5 @@
 """Job records: the one JSON document every job writes, and what reports read (never logs)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Sharded HDF5: one shard per slide or image, written atomically. See docs/architecture.md."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,15 @@ class ShardWriter:
     On an exception inside the block the temporary file is deleted and ``final`` is untouched.
     """
 
-    def __init__(self, final: str | Path, patch_shape: Sequence[int], dtype: str | np.dtype,
-                 attrs: dict[str, Any], chunk_patches: int = 32, compression: str = "none"):
+    def __init__(
+        self,
+        final: str | Path,
+        patch_shape: Sequence[int],
+        dtype: str | np.dtype,
+        attrs: dict[str, Any],
+        chunk_patches: int = 32,
+        compression: str = "none",
+    ):
         self.final = Path(final)
         self.patch_shape = tuple(int(s) for s in patch_shape)
         self.dtype = np.dtype(dtype)
@@ -50,20 +58,29 @@ class ShardWriter:
         c = self.chunk_patches
         opts = {"compression": self.compression} if self.compression else {}
         self._patches = self._h5.create_dataset(
-            "patches", shape=(0, *self.patch_shape), maxshape=(None, *self.patch_shape),
-            dtype=self.dtype, chunks=(c, *self.patch_shape), **opts)
-        self._coords = self._h5.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype="int64",
-                                               chunks=(max(c, 1024), 2))
-        self._labels = self._h5.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64",
-                                               chunks=(max(c, 1024),))
+            "patches",
+            shape=(0, *self.patch_shape),
+            maxshape=(None, *self.patch_shape),
+            dtype=self.dtype,
+            chunks=(c, *self.patch_shape),
+            **opts,
+        )
+        self._coords = self._h5.create_dataset(
+            "coords", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(max(c, 1024), 2)
+        )
+        self._labels = self._h5.create_dataset(
+            "labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(max(c, 1024),)
+        )
         return self
 
     def append(self, patches: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> None:
         patches = np.asarray(patches)
         k = len(patches)
         if patches.shape[1:] != self.patch_shape or len(coords) != k or len(labels) != k:
-            raise ValueError(f"batch shapes {patches.shape}, {np.shape(coords)}, {np.shape(labels)} "
-                             f"do not match patch shape {self.patch_shape}")
+            raise ValueError(
+                f"batch shapes {patches.shape}, {np.shape(coords)}, {np.shape(labels)} "
+                f"do not match patch shape {self.patch_shape}"
+            )
         if k == 0:
             return
         lo, hi = self.n, self.n + k
@@ -74,13 +91,20 @@ class ShardWriter:
         self._labels[lo:hi] = np.asarray(labels, dtype=np.int64)
         self.n = hi
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         assert self._h5 is not None and self._ctx is not None
         try:
             if exc_type is None:
-                attrs = {"format": SHARD_FORMAT, "medflow_version": __version__,
-                         "git_commit": provenance.git_commit(), "n_patches": self.n,
-                         "created": now_iso(), **self.attrs}
+                attrs = {
+                    "format": SHARD_FORMAT,
+                    "medflow_version": __version__,
+                    "git_commit": provenance.git_commit(),
+                    "n_patches": self.n,
+                    "created": now_iso(),
+                    **self.attrs,
+                }
                 for key, value in attrs.items():
                     self._h5.attrs[key] = _attr_value(key, value)
         finally:
@@ -131,7 +155,13 @@ def shard_summary(path: str | Path) -> dict[str, Any]:
         labels = h5["labels"][:]
     names = attrs["class_names"]
     counts = Counter(int(x) for x in labels)
-    return {"image_id": attrs["image_id"], "patient_id": attrs["patient_id"], "n": int(len(labels)),
-            "counts": {names[i]: int(counts.get(i, 0)) for i in range(len(names))},
-            "class_names": names, "kind": attrs["kind"], "bytes": os.path.getsize(path),
-            "sha256": fsio.sha256_file(path)}
+    return {
+        "image_id": attrs["image_id"],
+        "patient_id": attrs["patient_id"],
+        "n": int(len(labels)),
+        "counts": {names[i]: int(counts.get(i, 0)) for i in range(len(names))},
+        "class_names": names,
+        "kind": attrs["kind"],
+        "bytes": os.path.getsize(path),
+        "sha256": fsio.sha256_file(path),
+    }

@@ -7,6 +7,7 @@ white/dark frames and a PNG ground truth. Each modality gets a CSV manifest, lik
 `plan(cfg)` lists the images before anything is written, so the workflow DAG can be built from it
 (the Snakefile's demo wiring, workflow/rules/demo.smk). Nothing in the product imports this package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,29 @@ def plan(cfg: dict) -> dict[str, list[ImageEntry]]:
         n_slides = int(rng_for(seed, "slides", patient).integers(1, wsi_cfg["max_slides_per_patient"] + 1))
         for s in range(n_slides):
             image_id = f"{patient}_s{s}"
-            wsi.append(ImageEntry(image_id=image_id, patient_id=patient,
-                                  image=str(out / "wsi" / f"{image_id}.tiff"),
-                                  annotation=str(out / "wsi" / f"{image_id}.xml")))
+            wsi.append(
+                ImageEntry(
+                    image_id=image_id,
+                    patient_id=patient,
+                    image=str(out / "wsi" / f"{image_id}.tiff"),
+                    annotation=str(out / "wsi" / f"{image_id}.xml"),
+                )
+            )
     hsi = []
     for p in range(hsi_cfg["patients"]):
         patient = f"hsi_p{p:02d}"
         image_id = f"{patient}_i0"
         folder = out / "hsi" / image_id
-        hsi.append(ImageEntry(image_id=image_id, patient_id=patient, image=str(folder / "raw.npy"),
-                              annotation=str(folder / "gt.png"), white=str(folder / "white.npy"),
-                              dark=str(folder / "dark.npy")))
+        hsi.append(
+            ImageEntry(
+                image_id=image_id,
+                patient_id=patient,
+                image=str(folder / "raw.npy"),
+                annotation=str(folder / "gt.png"),
+                white=str(folder / "white.npy"),
+                dark=str(folder / "dark.npy"),
+            )
+        )
     return {"wsi": wsi, "hsi": hsi}
 
 
@@ -106,9 +119,16 @@ def write_cohort(cfg: dict, only: str | None = None) -> dict[str, float]:
             _write_png(e.annotation, gt)
         write_manifest(manifest_path(cfg, "hsi"), entries["hsi"])
         timings["hsi_s"] = time.perf_counter() - t0
-    fsio.write_json(out / "synth.json", {"seed": seed, "config_hash": config_mod.section_hash(cfg, "synth"),
-                                         "classes": {"wsi": ["normal", "tumour"], "hsi": list(HSI_CLASSES)},
-                                         "wavelengths_nm": HSI_WAVELENGTHS.tolist(), "timings_s": timings})
+    fsio.write_json(
+        out / "synth.json",
+        {
+            "seed": seed,
+            "config_hash": config_mod.section_hash(cfg, "synth"),
+            "classes": {"wsi": ["normal", "tumour"], "hsi": list(HSI_CLASSES)},
+            "wavelengths_nm": HSI_WAVELENGTHS.tolist(),
+            "timings_s": timings,
+        },
+    )
     return timings
 
 
@@ -123,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.config, "no 'synth' section: the demo cohort is not configured")
     timings = write_cohort(cfg, args.only)
     counts = {k: len(v) for k, v in plan(cfg).items()}
-    print(f"synth: wrote {counts} images to {cfg['synth']['out']} in "
-          + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    print(
+        f"synth: wrote {counts} images to {cfg['synth']['out']} in "
+        + ", ".join(f"{k}={v:.1f}" for k, v in timings.items())
+    )
     print(json.dumps({k: [e.image_id for e in v] for k, v in plan(cfg).items()}))
     return 0

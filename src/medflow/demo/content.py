@@ -6,6 +6,7 @@ darker nuclei (the polygons are returned as drawn, as a pathologist's outline wo
 frames, and a ground-truth map of the brain study's five classes (healthy, tumour, venous blood,
 arterial blood, dura mater) whose spectra differ, healthy vs tumour only slightly.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,7 +52,7 @@ def _polygon_mask(shape: tuple[int, int], polygons: list[np.ndarray]) -> np.ndar
 def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) -> tuple[np.ndarray, list[np.ndarray]]:
     """An H&E-like RGB image and its tumour polygons (level-0 x, y)."""
     shape = (height, width)
-    um = 1.0 / mpp                                   # pixels per µm
+    um = 1.0 / mpp  # pixels per µm
     tissue = _smooth_field(rng, shape, cell=int(400 * um)) * 0.6 + _smooth_field(rng, shape, cell=int(120 * um)) * 0.4
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     ellipse = ((xx - width / 2) / (0.42 * width)) ** 2 + ((yy - height / 2) / (0.40 * height)) ** 2
@@ -62,7 +63,7 @@ def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) ->
     for _ in range(int(rng.integers(1, 3))):
         cy, cx = candidates[rng.integers(len(candidates))]
         poly = _star_polygon(rng, (float(cx), float(cy)), radius=float(rng.uniform(180, 320) * um))
-        polygons.append(np.clip(poly, 0, [width - 1, height - 1]))   # outlines stay on the slide
+        polygons.append(np.clip(poly, 0, [width - 1, height - 1]))  # outlines stay on the slide
     tumour = _polygon_mask(shape, polygons)
 
     fibre = _smooth_field(rng, shape, cell=int(12 * um))
@@ -70,7 +71,9 @@ def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) ->
     normal_nuc = _nuclei(rng, shape, density=0.0025 / um**2, radius=2.2 * um)
     tumour_nuc = _nuclei(rng, shape, density=0.0060 / um**2, radius=3.2 * um)
     nuclei = np.where(tumour, tumour_nuc, normal_nuc)[..., None]
-    nucleus_colour = np.where(tumour[..., None], np.array([72, 38, 118], np.float32), np.array([118, 72, 160], np.float32))
+    nucleus_colour = np.where(
+        tumour[..., None], np.array([72, 38, 118], np.float32), np.array([118, 72, 160], np.float32)
+    )
     tissue_rgb = stroma * (1 - nuclei) + nucleus_colour * nuclei
     tissue_rgb = np.where(tumour[..., None], tissue_rgb * np.array([0.93, 0.88, 0.97], np.float32), tissue_rgb)
     background = np.full((*shape, 3), 242.0, np.float32)
@@ -84,18 +87,19 @@ def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) ->
 # ---- HSI content --------------------------------------------------------------------------------
 def hsi_signatures() -> np.ndarray:
     """(5, 25) reflectance spectra of the five classes over 665–975 nm."""
-    w = (HSI_WAVELENGTHS - 665.0) / 310.0            # 0..1
+    w = (HSI_WAVELENGTHS - 665.0) / 310.0  # 0..1
     bump = lambda c, s: np.exp(-0.5 * ((HSI_WAVELENGTHS - c) / s) ** 2)  # noqa: E731
     healthy = 0.55 + 0.15 * w - 0.05 * bump(760, 25)
-    tumour = 0.57 + 0.11 * w - 0.03 * bump(760, 25) + 0.025 * bump(900, 40)   # deliberately close to healthy
-    venous = 0.25 + 0.35 * w - 0.12 * bump(760, 15)   # deoxy-haemoglobin dip at 760 nm
+    tumour = 0.57 + 0.11 * w - 0.03 * bump(760, 25) + 0.025 * bump(900, 40)  # deliberately close to healthy
+    venous = 0.25 + 0.35 * w - 0.12 * bump(760, 15)  # deoxy-haemoglobin dip at 760 nm
     arterial = 0.32 + 0.38 * w - 0.02 * bump(760, 15)  # oxy-haemoglobin: flatter red edge
-    dura = 0.72 + 0.05 * w - 0.04 * bump(970, 30)      # bright, water band near 970 nm
+    dura = 0.72 + 0.05 * w - 0.04 * bump(970, 30)  # bright, water band near 970 nm
     return np.stack([healthy, tumour, venous, arterial, dura]).astype(np.float32)
 
 
-def make_hsi(rng: np.random.Generator, mosaic_h: int, mosaic_w: int, size: int = 5
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def make_hsi(
+    rng: np.random.Generator, mosaic_h: int, mosaic_w: int, size: int = 5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Raw mosaic, white and dark frames (uint16 counts) and the ground-truth map (uint8, 0 = unlabelled)."""
     h, w = mosaic_h // size, mosaic_w // size
     # Class regions: Voronoi cells of random centres, every class present at least once.
@@ -111,12 +115,13 @@ def make_hsi(rng: np.random.Generator, mosaic_h: int, mosaic_w: int, size: int =
     gt = np.where(core, truth + 1, 0).astype(np.uint8)
 
     signatures = hsi_signatures()
-    reflectance = signatures[truth] * (1 + 0.04 * rng.standard_normal((h, w, 1)))    # within-class variation
+    reflectance = signatures[truth] * (1 + 0.04 * rng.standard_normal((h, w, 1)))  # within-class variation
     reflectance += 0.02 * rng.standard_normal(reflectance.shape)
     illumination = 0.6 + 0.4 * _smooth_field(rng, (h, w), cell=max(4, h // 3))[..., None]  # removed by RMS norm
     reflectance = np.clip(reflectance * illumination, 0.01, 1.2).astype(np.float32)
 
-    band_pos = np.arange(size * size)               # band b sits at mosaic offset (b // size, b % size)
+    band_pos = np.arange(size * size)  # band b sits at mosaic offset (b // size, b % size)
+
     def to_mosaic(cube: np.ndarray) -> np.ndarray:
         return cube[..., band_pos].reshape(h, w, size, size).transpose(0, 2, 1, 3).reshape(h * size, w * size)
 
@@ -124,6 +129,7 @@ def make_hsi(rng: np.random.Generator, mosaic_h: int, mosaic_w: int, size: int =
     gain = (2600.0 + 500.0 * rng.random((1, 1, size * size))) * (0.85 + 0.15 * _smooth_field(rng, (h, w), 8)[..., None])
     white = dark + to_mosaic(np.broadcast_to(gain, (h, w, size * size)).astype(np.float32))
     raw = dark + to_mosaic(reflectance * gain) + rng.normal(0, 4.0, (mosaic_h, mosaic_w))
+
     def as_counts(a: np.ndarray) -> np.ndarray:  # a 12-bit sensor
         return np.clip(np.round(a), 0, 4095).astype(np.uint16)
 

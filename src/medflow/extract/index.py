@@ -1,4 +1,5 @@
 """`medflow index`: the cohort index from the extraction records of a cohort (`medflow.core.index`)."""
+
 from __future__ import annotations
 
 import argparse

@@ -14,6 +14,7 @@
 5. **Cancellation**: SIGTERM exits through Python (``medflow.cli``), so a killed job removes its
    temporary shard; SIGKILL leaves only a hidden ``.<name>.tmp-*`` file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,17 +77,28 @@ def identity(inputs: dict[str, Any]) -> dict[str, Any]:
     """What must be equal for a shard to be reused: content digests and params, not paths
     (a data directory moved elsewhere still matches)."""
     files = inputs.get("files") or {}
-    return {"files": {role: (info.get("sha256"), info.get("bytes")) for role, info in files.items()},
-            "params": inputs.get("params") or {}}
+    return {
+        "files": {role: (info.get("sha256"), info.get("bytes")) for role, info in files.items()},
+        "params": inputs.get("params") or {},
+    }
 
 
 def base_attrs(target: Target, cfg: dict, inputs: dict[str, Any], config_hash: str) -> dict[str, Any]:
     """Shard attributes every kind writes (the kind adds its geometry)."""
     image = inputs["files"]["image"]
-    return {"kind": target.kind, "image_id": target.entry.image_id, "patient_id": target.entry.patient_id,
-            "cohort": target.cohort, "class_names": class_names(target.kind, cfg),
-            "source_path": str(Path(target.entry.image).resolve()), "source_bytes": image["bytes"],
-            "source_sha256": image["sha256"], "inputs": inputs, "seed": cfg["seed"], "config_hash": config_hash}
+    return {
+        "kind": target.kind,
+        "image_id": target.entry.image_id,
+        "patient_id": target.entry.patient_id,
+        "cohort": target.cohort,
+        "class_names": class_names(target.kind, cfg),
+        "source_path": str(Path(target.entry.image).resolve()),
+        "source_bytes": image["bytes"],
+        "source_sha256": image["sha256"],
+        "inputs": inputs,
+        "seed": cfg["seed"],
+        "config_hash": config_hash,
+    }
 
 
 def matching_shard(shard: Path, config_hash: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
@@ -104,23 +116,42 @@ def matching_shard(shard: Path, config_hash: str, inputs: dict[str, Any]) -> dic
     return attrs
 
 
-def run(target: Target, cfg: dict, files: Callable[[], dict[str, str]], extract: Extract, *,
-        params: dict[str, Any] | None = None, force: bool = False, verbose: bool = True) -> dict:
+def run(
+    target: Target,
+    cfg: dict,
+    files: Callable[[], dict[str, str]],
+    extract: Extract,
+    *,
+    params: dict[str, Any] | None = None,
+    force: bool = False,
+    verbose: bool = True,
+) -> dict:
     """Run one extraction job under the contract above; returns its record. ``files()`` lists the
     input files by role (called inside the job, so a missing file is handled by ``on_error``)."""
     say = print if verbose else (lambda *a, **k: None)
     names = class_names(target.kind, cfg)
-    record = JobRecord(target.job, cfg, config_sections(target.kind, target.cohort),
-                       image_id=target.entry.image_id, patient_id=target.entry.patient_id, cohort=target.cohort,
-                       shard=None, error=None, n_patches=0, counts={n: 0 for n in names})
+    record = JobRecord(
+        target.job,
+        cfg,
+        config_sections(target.kind, target.cohort),
+        image_id=target.entry.image_id,
+        patient_id=target.entry.patient_id,
+        cohort=target.cohort,
+        shard=None,
+        error=None,
+        n_patches=0,
+        counts={n: 0 for n in names},
+    )
     try:
         with record.timed("hash"):
             inputs = fingerprint(files(), params)
         record["inputs"] = inputs
         existing = None if force else matching_shard(target.shard, record["config_hash"], inputs)
         if existing is not None:
-            say(f"{target.job} {target.entry.image_id}: {target.shard} is up to date "
-                f"(config hash {record['config_hash']}, same inputs); skipped")
+            say(
+                f"{target.job} {target.entry.image_id}: {target.shard} is up to date "
+                f"(config hash {record['config_hash']}, same inputs); skipped"
+            )
             return _reuse(record, existing, target, names)
         extract(target, cfg, record, inputs)
     except InputError as exc:
@@ -128,22 +159,31 @@ def run(target: Target, cfg: dict, files: Callable[[], dict[str, str]], extract:
             raise
         say(f"{target.job} {target.entry.image_id}: skipped bad input (on_error: skip): {exc}")
         return _failed(record, target, exc)
-    with open_shard(target.shard) as h5:      # counts of what the shard holds, whatever the kind
+    with open_shard(target.shard) as h5:  # counts of what the shard holds, whatever the kind
         labels = h5["labels"][:]
     _finish(record, target, labels, names)
-    say(f"{target.job} {target.entry.image_id}: {record['n_patches']} patches {record['counts']} "
-        f"in {record['wall_s']:.2f} s → {target.shard}")
+    say(
+        f"{target.job} {target.entry.image_id}: {record['n_patches']} patches {record['counts']} "
+        f"in {record['wall_s']:.2f} s → {target.shard}"
+    )
     return dict(record)
 
 
 def _finish(record: JobRecord, target: Target, labels: np.ndarray, names: list[str]) -> None:
     n = int(len(labels))
-    record.update(shard=os.path.relpath(target.shard.resolve(), target.record.resolve().parent), n_patches=n,
-                  counts=counts(labels, names))
+    record.update(
+        shard=os.path.relpath(target.shard.resolve(), target.record.resolve().parent),
+        n_patches=n,
+        counts=counts(labels, names),
+    )
     record.finish("ok")
     wall = float(record["wall_s"])
-    record["throughput"] = {"s_per_patch": wall / n if n else None, "patches_per_s": n / wall if wall else None,
-                            "s_per_image": wall, "bytes_written": target.shard.stat().st_size}
+    record["throughput"] = {
+        "s_per_patch": wall / n if n else None,
+        "patches_per_s": n / wall if wall else None,
+        "s_per_image": wall,
+        "bytes_written": target.shard.stat().st_size,
+    }
     record.save(target.record)
 
 
@@ -157,8 +197,11 @@ def _reuse(record: JobRecord, attrs: dict[str, Any], target: Target, names: list
     if target.record.is_file():
         with contextlib.suppress(OSError, ValueError):
             old = fsio.read_json(target.record)
-            if (old.get("status") == "ok" and old.get("config_hash") == record["config_hash"]
-                    and identity(old.get("inputs") or {}) == identity(record["inputs"])):
+            if (
+                old.get("status") == "ok"
+                and old.get("config_hash") == record["config_hash"]
+                and identity(old.get("inputs") or {}) == identity(record["inputs"])
+            ):
                 return dict(old)
     record["timings_s"].update(attrs.get("timings_s") or {})
     record["resumed"] = True
@@ -173,4 +216,3 @@ def _failed(record: JobRecord, target: Target, exc: InputError) -> dict:
     record.update(shard=None, error=str(exc))
     record.finish("failed").save(target.record)
     return dict(record)
-

@@ -8,6 +8,7 @@ k×k×B window with ``sliding_window_view`` (no copy, no per-pixel loop), gather
 class_names) and ``<id>.png`` (colour map with legend, next to the ground truth when present), plus
 one ``record.json`` (job "predict-hsi").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,17 @@ from ..train.splits import fold_patients, load_plan
 # Fixed map colours (RGB) per class name, as in the brain-tumour study's maps: healthy green, tumour red,
 # blood vessels blue/magenta, dura yellow. Other class names take matplotlib's tab10 colours in order.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
-    "healthy": (0, 176, 0), "normal": (0, 176, 0), "tumour": (220, 0, 0), "tumor": (220, 0, 0),
-    "venous": (30, 60, 255), "arterial": (255, 40, 210), "dura": (255, 210, 0), "background": (90, 90, 90),
+    "healthy": (0, 176, 0),
+    "normal": (0, 176, 0),
+    "tumour": (220, 0, 0),
+    "tumor": (220, 0, 0),
+    "venous": (30, 60, 255),
+    "arterial": (255, 40, 210),
+    "dura": (255, 210, 0),
+    "background": (90, 90, 90),
 }
-NO_PREDICTION = (0, 0, 0)          # border pixels skipped (border: skip)
-UNLABELLED_GT = (40, 40, 40)       # ground-truth panel: pixels without a label
+NO_PREDICTION = (0, 0, 0)  # border pixels skipped (border: skip)
+UNLABELLED_GT = (40, 40, 40)  # ground-truth panel: pixels without a label
 
 
 def class_palette(class_names: list[str]) -> np.ndarray:
@@ -54,14 +61,15 @@ def class_palette(class_names: list[str]) -> np.ndarray:
 
 
 # ---- windows and prediction ---------------------------------------------------------------------------
-def predict_cube(model: Any, cube: np.ndarray, k: int, border: str, batch: int,
-                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def predict_cube(
+    model: Any, cube: np.ndarray, k: int, border: str, batch: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """(labels int16 (H,W) with −1 where no window, probabilities float16 (H,W,C), timings patches/predict).
 
     Batches are whole rows of windows (⌈batch / row width⌉ rows ≥ 1): a basic slice of the window view,
     copied once into a contiguous NHWC block in the cube's dtype (float16 shards → half the bytes)."""
     windows, offset = pixel_windows(cube, k, pad=border == "reflect")
-    offset = -offset                                     # window (0, 0) is centred on pixel (offset, offset)
+    offset = -offset  # window (0, 0) is centred on pixel (offset, offset)
     rows_v, cols_v = windows.shape[:2]
     rows_per_batch = max(1, batch // max(cols_v, 1))
     labels = np.full(cube.shape[:2], -1, dtype=np.int16)
@@ -91,8 +99,9 @@ def write_npz(path: Path, labels: np.ndarray, probs: np.ndarray, class_names: li
     fsio.write_npz(path, compressed=True, labels=labels, probabilities=probs, class_names=np.array(class_names))
 
 
-def write_png(path: Path, image_id: str, labels: np.ndarray, class_names: list[str],
-              gt: np.ndarray | None = None) -> None:
+def write_png(
+    path: Path, image_id: str, labels: np.ndarray, class_names: list[str], gt: np.ndarray | None = None
+) -> None:
     """Colour map with a legend (and the ground truth beside it when labelled pixels exist)."""
     import matplotlib
 
@@ -107,7 +116,7 @@ def write_png(path: Path, image_id: str, labels: np.ndarray, class_names: list[s
         gt_rgb[gt < 0] = UNLABELLED_GT
         panels.append(("ground truth", gt_rgb))
     rows, cols = labels.shape
-    scale = max(1.0, 300.0 / max(rows, cols))        # small cubes are drawn larger
+    scale = max(1.0, 300.0 / max(rows, cols))  # small cubes are drawn larger
     fig_w = len(panels) * cols * scale / 100 + 1.8
     fig_h = rows * scale / 100 + 0.6
     fig, axes = plt.subplots(1, len(panels), figsize=(fig_w, fig_h), dpi=100, squeeze=False)
@@ -130,37 +139,56 @@ def _check_model(meta: dict, model_path: str, class_names: list[str], k: int, ba
     if meta.get("class_names") and list(meta["class_names"]) != list(class_names):
         raise InputError(model_path, f"model classes {meta['class_names']} differ from hsi.class_names {class_names}")
     if meta.get("patch_size") not in (None, k):
-        raise InputError(model_path, f"model was trained on {meta['patch_size']}×{meta['patch_size']} patches, "
-                                     f"hsi.patch is {k}")
+        raise InputError(
+            model_path, f"model was trained on {meta['patch_size']}×{meta['patch_size']} patches, hsi.patch is {k}"
+        )
     if meta.get("in_channels") not in (None, bands):
         raise InputError(model_path, f"model expects {meta['in_channels']} bands, the cube has {bands}")
 
 
-def predict_image(model: Any, meta: dict, model_path: str, item: Any, cfg: dict, out_dir: Path,
-                  positive_class: str | None, device: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def predict_image(
+    model: Any,
+    meta: dict,
+    model_path: str,
+    item: Any,
+    cfg: dict,
+    out_dir: Path,
+    positive_class: str | None,
+    device: str,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Chain + map + outputs for one image: (its entry for the record, GT labels and probabilities of
     the labelled classified pixels, empty without ground truth)."""
     hcfg = cfg["hsi"]
     k, names = hcfg["patch"], list(hcfg["class_names"])
     result = hsi_chain.run_chain(item, cfg)
-    cube = result.cube.astype(hcfg["dtype"])       # exactly what the shards (training data) hold
+    cube = result.cube.astype(hcfg["dtype"])  # exactly what the shards (training data) hold
     _check_model(meta, model_path, names, k, cube.shape[2])
     if min(cube.shape[:2]) <= (k // 2 if hcfg["border"] == "reflect" else k - 1):
-        raise InputError(item.image, f"cube {cube.shape[:2]} is too small for {k}×{k} windows "
-                                     f"(border: {hcfg['border']})")
-    timings = {"load": result.timings.get("load", 0.0),
-               "chain": sum(result.timings.get(s, 0.0) for s in hsi_chain.STEPS)}
+        raise InputError(
+            item.image, f"cube {cube.shape[:2]} is too small for {k}×{k} windows (border: {hcfg['border']})"
+        )
+    timings = {
+        "load": result.timings.get("load", 0.0),
+        "chain": sum(result.timings.get(s, 0.0) for s in hsi_chain.STEPS),
+    }
     labels, probs, t = predict_cube(model, cube, k, hcfg["border"], hcfg["predict_batch"], device)
     timings.update(t)
     t0 = time.perf_counter()
     write_npz(out_dir / f"{item.image_id}.npz", labels, probs, names)
     write_png(out_dir / f"{item.image_id}.png", item.image_id, labels, names, result.labels if result.has_gt else None)
     timings["write"] = time.perf_counter() - t0
-    info: dict[str, Any] = {"image_id": item.image_id, "patient_id": item.patient_id, "shape": list(cube.shape),
-                            "pixels": int(labels.size), "classified": int((labels >= 0).sum()),
-                            "map": f"{item.image_id}.png", "array": f"{item.image_id}.npz",
-                            "predicted_counts": {n: int((labels == i).sum()) for i, n in enumerate(names)},
-                            "timings_s": timings, "metrics": None}
+    info: dict[str, Any] = {
+        "image_id": item.image_id,
+        "patient_id": item.patient_id,
+        "shape": list(cube.shape),
+        "pixels": int(labels.size),
+        "classified": int((labels >= 0).sum()),
+        "map": f"{item.image_id}.png",
+        "array": f"{item.image_id}.npz",
+        "predicted_counts": {n: int((labels == i).sum()) for i, n in enumerate(names)},
+        "timings_s": timings,
+        "metrics": None,
+    }
     scored = (result.labels >= 0) & (labels >= 0)
     y_true, y_prob = result.labels[scored], probs[scored].astype(np.float32)
     if len(y_true):
@@ -213,8 +241,17 @@ def run(args: argparse.Namespace) -> int:
     config_mod.study(cfg, args.study, args.config)
     items = images_to_map(cfg, args)
     out_dir = Path(args.out_dir)
-    record = JobRecord("predict-hsi", cfg, ("hsi", f"studies.{args.study}", "cohorts"), study=args.study,
-                       cohort=args.cohort, outer=args.outer, model=str(args.model), images=[], metrics={})
+    record = JobRecord(
+        "predict-hsi",
+        cfg,
+        ("hsi", f"studies.{args.study}", "cohorts"),
+        study=args.study,
+        cohort=args.cohort,
+        outer=args.outer,
+        model=str(args.model),
+        images=[],
+        metrics={},
+    )
     wanted = cfg["hsi"]["predict_device"]
     if wanted == "cuda" and not torch.cuda.is_available():
         raise InputError(args.config, "hsi.predict_device is cuda but no CUDA device is visible")
@@ -235,18 +272,21 @@ def run(args: argparse.Namespace) -> int:
         for key, value in info["timings_s"].items():
             record["timings_s"][key] = record["timings_s"].get(key, 0.0) + value
         metrics = info["metrics"]
-        print(f"predict-hsi {item.image_id}: {info['shape'][0]}×{info['shape'][1]} map"
-              + (f", accuracy {metrics['oacc']:.3f} on {metrics['n']} labelled px" if metrics else "")
-              + f" → {out_dir / info['map']}")
+        print(
+            f"predict-hsi {item.image_id}: {info['shape'][0]}×{info['shape'][1]} map"
+            + (f", accuracy {metrics['oacc']:.3f} on {metrics['n']} labelled px" if metrics else "")
+            + f" → {out_dir / info['map']}"
+        )
     record["metrics"] = {"images": {}}
-    for info in record["images"]:            # full metrics once, under metrics; the image entry keeps accuracy
+    for info in record["images"]:  # full metrics once, under metrics; the image entry keeps accuracy
         metrics = info.pop("metrics")
         info["accuracy"] = metrics["oacc"] if metrics else None
         if metrics:
             record["metrics"]["images"][info["image_id"]] = metrics
     if sum(len(y) for y in pooled_true):
-        record["metrics"]["all"] = classification_metrics(np.concatenate(pooled_true), np.concatenate(pooled_prob),
-                                                          names, positive)
+        record["metrics"]["all"] = classification_metrics(
+            np.concatenate(pooled_true), np.concatenate(pooled_prob), names, positive
+        )
     record.finish("ok")
     pixels = sum(i["pixels"] for i in record["images"])
     work_s = sum(record["timings_s"].get(k, 0.0) for k in ("load", "chain", "patches", "predict", "write"))

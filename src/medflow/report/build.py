@@ -5,6 +5,7 @@ tables as CSV (``preprocessing.csv``, ``training.csv``, ``stages.csv``, ``nested
 ``energy.csv``, ``sites.csv``) plus ``figures/*.png``. Tables: `medflow.report.tables`; plots:
 `medflow.report.plots`; HTML: `medflow.report.html`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ REPORT_FORMAT = "medflow-report/1"
 
 
 def markdown(title: str, generated: str, display: list[Table], figures: list[dict]) -> str:
-    parts = [f"# {title}", "", f"Generated {generated} by medflow from the job records of "
-             f"{len(display[0].columns) - 1} site(s). Machine-readable: `report.json` and the CSV files.", ""]
+    parts = [
+        f"# {title}",
+        "",
+        f"Generated {generated} by medflow from the job records of "
+        f"{len(display[0].columns) - 1} site(s). Machine-readable: `report.json` and the CSV files.",
+        "",
+    ]
     for table in display:
         parts += [f"## {table.title}", "", markdown_table(table), ""]
         if table.note:
@@ -50,10 +56,15 @@ def build_report(summaries: list[dict], cfg: dict, out_dir: str | Path) -> dict[
     figures = report_plots.make_figures(summaries, labels, out_dir / "figures", cfg)
     for name in CSV_TABLES:
         fsio.write_text(out_dir / f"{name}.csv", csv_text(tables[name]))
-    doc = {"format": REPORT_FORMAT, "title": title, "generated": generated, "sites": labels,
-           "tables": {name: t.as_json() for name, t in tables.items()},
-           "figures": [{k: v for k, v in f.items() if k != "abs_path"} for f in figures],
-           "summaries": dict(zip(labels, summaries))}
+    doc = {
+        "format": REPORT_FORMAT,
+        "title": title,
+        "generated": generated,
+        "sites": labels,
+        "tables": {name: t.as_json() for name, t in tables.items()},
+        "figures": [{k: v for k, v in f.items() if k != "abs_path"} for f in figures],
+        "summaries": dict(zip(labels, summaries)),
+    }
     fsio.write_json(out_dir / "report.json", doc)
     fsio.write_text(out_dir / "report.md", markdown(title, generated, display, figures))
     fsio.write_text(out_dir / "report.html", html_page.render(title, generated, labels, summaries, display, figures))
@@ -64,8 +75,11 @@ def build_report(summaries: list[dict], cfg: dict, out_dir: str | Path) -> dict[
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--out-dir", required=True, help="directory for report.{md,html,json}, *.csv, figures/")
-    p.add_argument("--recompute", action="store_true",
-                   help="summarise each site's records now even where a summary.json exists (not written back)")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="summarise each site's records now even where a summary.json exists (not written back)",
+    )
     p.add_argument("site_dirs", nargs="+", help="results/<site> directories (their summary.json is used if present)")
 
 
@@ -81,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(d, "site results directory not found")
     summaries = [summary_mod.summarize(d, cfg) if args.recompute else summary_mod.load_or_build(d, cfg) for d in dirs]
     doc = build_report(summaries, cfg, args.out_dir)
-    print(f"report {Path(args.out_dir) / 'report.html'}: {len(doc['sites'])} site(s) {', '.join(doc['sites'])}; "
-          f"{len(doc['figures'])} figures")
+    print(
+        f"report {Path(args.out_dir) / 'report.html'}: {len(doc['sites'])} site(s) {', '.join(doc['sites'])}; "
+        f"{len(doc['figures'])} figures"
+    )
     return 0

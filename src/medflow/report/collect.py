@@ -2,6 +2,7 @@
 
 Every record is returned with ``_path`` and, where the path says it, its study and fold numbers.
 """
+
 from __future__ import annotations
 
 import csv

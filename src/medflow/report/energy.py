@@ -1,4 +1,5 @@
 """Device hours, energy and CO₂ of jobs: wall time × GPUs (or CPU cores) × power × PUE × carbon intensity."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,8 +36,11 @@ def device_hours(rec: dict, cfg: dict) -> dict[str, float]:
 def energy_params(cfg: dict) -> dict[str, Any]:
     site = cfg.get("site", {})
     power = site.get("power_w", {})
-    return {"power_w": {"cpu_core": float(power.get("cpu_core", 12.0)), "gpu": float(power.get("gpu", 300.0))},
-            "pue": float(site.get("pue", 1.0)), "carbon_g_per_kwh": float(site.get("carbon_g_per_kwh", 250.0))}
+    return {
+        "power_w": {"cpu_core": float(power.get("cpu_core", 12.0)), "gpu": float(power.get("gpu", 300.0))},
+        "pue": float(site.get("pue", 1.0)),
+        "carbon_g_per_kwh": float(site.get("carbon_g_per_kwh", 250.0)),
+    }
 
 
 def energy_of(hours: dict[str, float], params: dict[str, Any]) -> dict[str, float]:

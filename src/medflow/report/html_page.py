@@ -1,4 +1,5 @@
 """Self-contained HTML report: inline CSS, figures embedded as base64 PNG, no script, no network asset."""
+
 from __future__ import annotations
 
 import base64
@@ -37,8 +38,10 @@ def table_html(table: Any) -> str:
     head = "".join(f"<th>{_cell(c)}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in table.rows)
     note = f'<p class="note">{_cell(table.note)}</p>' if table.note else ""
-    return (f'<h2 id="{_cell(table.name)}">{_cell(table.title)}</h2>\n'
-            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n{note}")
+    return (
+        f'<h2 id="{_cell(table.name)}">{_cell(table.title)}</h2>\n'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n{note}"
+    )
 
 
 def embedded_png(path: str | Path) -> str:
@@ -49,12 +52,20 @@ def embedded_png(path: str | Path) -> str:
 
 def figure_html(fig: dict[str, Any]) -> str:
     caption = f"{fig['title']}" + (f" — {fig['caption']}" if fig.get("caption") else "")
-    return (f'<figure id="fig-{_cell(fig["name"])}"><img alt="{_cell(fig["title"])}" src="{embedded_png(fig["abs_path"])}">'
-            f"<figcaption>{_cell(caption)}</figcaption></figure>")
+    return (
+        f'<figure id="fig-{_cell(fig["name"])}"><img alt="{_cell(fig["title"])}" src="{embedded_png(fig["abs_path"])}">'
+        f"<figcaption>{_cell(caption)}</figcaption></figure>"
+    )
 
 
-def render(title: str, generated: str, labels: list[str], summaries: list[dict], tables: list[Any],
-           figures: list[dict[str, Any]]) -> str:
+def render(
+    title: str,
+    generated: str,
+    labels: list[str],
+    summaries: list[dict],
+    tables: list[Any],
+    figures: list[dict[str, Any]],
+) -> str:
     nav = "".join(f'<a href="#{_cell(t.name)}">{_cell(t.title)}</a>' for t in tables)
     plots = [f for f in figures if f.get("kind") != "map"]
     maps = [f for f in figures if f.get("kind") == "map"]
@@ -66,13 +77,17 @@ def render(title: str, generated: str, labels: list[str], summaries: list[dict],
         f"<h1>{_cell(title)}</h1>",
         f'<p class="meta">Generated {_cell(generated)} by medflow from the job records of {len(labels)} site(s): '
         f"{_cell(', '.join(labels))}. The same numbers are in <code>report.json</code> and the CSV files.</p>",
-        f"<nav>{nav}<a href=\"#figures\">Figures</a></nav>",
+        f'<nav>{nav}<a href="#figures">Figures</a></nav>',
         *[table_html(t) for t in tables],
         '<h2 id="figures">Figures</h2>',
         *[figure_html(f) for f in plots],
     ]
     if maps:
-        parts += ['<h2 id="maps">HSI classification maps</h2>', '<div class="maps">',
-                  *[figure_html(f) for f in maps], "</div>"]
+        parts += [
+            '<h2 id="maps">HSI classification maps</h2>',
+            '<div class="maps">',
+            *[figure_html(f) for f in maps],
+            "</div>",
+        ]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -1,5 +1,6 @@
 """Report figures (matplotlib, Agg backend, PNG): bars with error bars per site, learning curves,
 confusion matrices, HSI classification maps and energy. Every figure is drawn from the summaries only."""
+
 from __future__ import annotations
 
 import shutil
@@ -43,8 +44,15 @@ def _grouped_bars(ax: plt.Axes, groups: list[str], labels: list[str], means: np.
     width = 0.8 / max(n_sites, 1)
     x = np.arange(len(groups))
     for i, label in enumerate(labels):
-        ax.bar(x + (i - (n_sites - 1) / 2) * width, np.nan_to_num(means[:, i]), width,
-               yerr=np.nan_to_num(stds[:, i]), capsize=3, label=label, color=SITE_COLOURS[i % 10])
+        ax.bar(
+            x + (i - (n_sites - 1) / 2) * width,
+            np.nan_to_num(means[:, i]),
+            width,
+            yerr=np.nan_to_num(stds[:, i]),
+            capsize=3,
+            label=label,
+            color=SITE_COLOURS[i % 10],
+        )
     ax.set_xticks(x, groups, rotation=0 if len(groups) < 4 else 20, ha="center" if len(groups) < 4 else "right")
     ax.grid(axis="y", alpha=0.3)
 
@@ -159,8 +167,15 @@ def confusion_figure(summaries: list[dict], labels: list[str], study: str) -> pl
         norm = np.divide(total, rows, out=np.zeros_like(total, dtype=float), where=rows > 0)
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         for (i, k), count in np.ndenumerate(total):
-            ax.text(k, i, f"{int(count)}\n{norm[i, k]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, k] > 0.6 else "black")
+            ax.text(
+                k,
+                i,
+                f"{int(count)}\n{norm[i, k]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, k] > 0.6 else "black",
+            )
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("predicted")
@@ -226,10 +241,17 @@ def copy_maps(summaries: list[dict], labels: list[str], out_dir: Path) -> list[d
                 with fsio.atomic_path(dest) as tmp:
                     shutil.copyfile(src, tmp)
                 acc = m.get("accuracy")
-                figures.append({"name": name, "title": f"HSI classification map — {label}, {study}, outer fold "
-                                f"{m.get('outer')}, {m['image_id']}", "path": f"figures/{name}.png",
-                                "abs_path": str(dest), "kind": "map",
-                                "caption": f"accuracy on labelled pixels {acc:.3f}" if acc is not None else ""})
+                figures.append(
+                    {
+                        "name": name,
+                        "title": f"HSI classification map — {label}, {study}, outer fold "
+                        f"{m.get('outer')}, {m['image_id']}",
+                        "path": f"figures/{name}.png",
+                        "abs_path": str(dest),
+                        "kind": "map",
+                        "caption": f"accuracy on labelled pixels {acc:.3f}" if acc is not None else "",
+                    }
+                )
     return figures
 
 
@@ -242,22 +264,56 @@ def make_figures(summaries: list[dict], labels: list[str], out_dir: Path, cfg: d
     max_curves = int(cfg.get("report", {}).get("max_curves", 12))
     figures = []
     if studies:
-        figures.append(_figure(out_dir, "accuracy", "Accuracy per site (mean ± std over folds)",
-                               "train/val: inner runs; test: outer folds' selected models", accuracy_figure(summaries, labels, studies)))
+        figures.append(
+            _figure(
+                out_dir,
+                "accuracy",
+                "Accuracy per site (mean ± std over folds)",
+                "train/val: inner runs; test: outer folds' selected models",
+                accuracy_figure(summaries, labels, studies),
+            )
+        )
     if studies or cohorts:
-        figures.append(_figure(out_dir, "timings", "Pre-processing and training time per site",
-                               "error bars: std over images (left) and training jobs (right)",
-                               timing_figure(summaries, labels, studies, cohorts)))
+        figures.append(
+            _figure(
+                out_dir,
+                "timings",
+                "Pre-processing and training time per site",
+                "error bars: std over images (left) and training jobs (right)",
+                timing_figure(summaries, labels, studies, cohorts),
+            )
+        )
     for study in studies:
         fig = curves_figure(summaries, labels, study, max_curves)
         if fig is not None:
-            figures.append(_figure(out_dir, _safe(f"curves_{study}"), f"Learning curves — {study}",
-                                   "thin: each (outer, inner) run; bold: mean per epoch", fig))
+            figures.append(
+                _figure(
+                    out_dir,
+                    _safe(f"curves_{study}"),
+                    f"Learning curves — {study}",
+                    "thin: each (outer, inner) run; bold: mean per epoch",
+                    fig,
+                )
+            )
         fig = confusion_figure(summaries, labels, study)
         if fig is not None:
-            figures.append(_figure(out_dir, _safe(f"confusion_{study}"), f"Confusion matrix — {study}",
-                                   "test sets of all outer folds summed; count and row fraction", fig))
+            figures.append(
+                _figure(
+                    out_dir,
+                    _safe(f"confusion_{study}"),
+                    f"Confusion matrix — {study}",
+                    "test sets of all outer folds summed; count and row fraction",
+                    fig,
+                )
+            )
     figures += copy_maps(summaries, labels, out_dir)
-    figures.append(_figure(out_dir, "energy", "Energy and CO₂ estimate per site", "stacked by job type",
-                           energy_figure(summaries, labels)))
+    figures.append(
+        _figure(
+            out_dir,
+            "energy",
+            "Energy and CO₂ estimate per site",
+            "stacked by job type",
+            energy_figure(summaries, labels),
+        )
+    )
     return figures

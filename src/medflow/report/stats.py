@@ -1,4 +1,5 @@
 """Numeric helpers for summaries: records may hold nulls, strings or NaN where a value is undefined."""
+
 from __future__ import annotations
 
 import math

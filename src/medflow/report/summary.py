@@ -5,6 +5,7 @@ self-contained (learning curves, confusion matrices and HSI map paths are copied
 compare sites whose results directories were produced on different clusters. The format is described
 in docs/reports.md; numbers are recomputable from the records by the documented rules below.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,17 +90,22 @@ def preprocessing(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
         stages = _stage_sums(ok)
         out[cohort] = {
             "kind": "wsi" if recs[0].get("job") == "extract-wsi" else "hsi",
-            "images": len(recs), "ok": len(ok), "failed": len(recs) - len(ok),
-            "failed_images": [{"image_id": r.get("image_id"), "error": r.get("error")}
-                              for r in recs if r.get("status") != "ok"],
-            "patches": patches, "counts": dict(counts),
+            "images": len(recs),
+            "ok": len(ok),
+            "failed": len(recs) - len(ok),
+            "failed_images": [
+                {"image_id": r.get("image_id"), "error": r.get("error")} for r in recs if r.get("status") != "ok"
+            ],
+            "patches": patches,
+            "counts": dict(counts),
             "wall_s": wall,
             "s_per_patch": ratio(wall, patches),
             "patches_per_s": ratio(patches, wall),
             "s_per_image": ratio(wall, len(ok)),
             "s_per_patch_images": mean_std(ratio(total([r.get("wall_s")]), r.get("n_patches")) for r in ok),
-            "load_ms_per_patch": mean_std((r.get("throughput") or {}).get("load_ms_per_patch")
-                                          for r in trains_by_cohort.get(cohort, [])),
+            "load_ms_per_patch": mean_std(
+                (r.get("throughput") or {}).get("load_ms_per_patch") for r in trains_by_cohort.get(cohort, [])
+            ),
             "stage_s": stages,
             "stage_s_per_patch": {k: v / patches for k, v in stages.items()} if patches else {},
             "bytes_written": int(total((r.get("throughput") or {}).get("bytes_written") for r in ok)),
@@ -148,8 +154,10 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
     names = sorted({str(r.get("study")) for job in NESTED_CV_JOBS for r in records.get(job, [])})
     out = {}
     for study in names:
+
         def of(job: str) -> list[dict]:
             return [r for r in records.get(job, []) if str(r.get("study")) == study]
+
         trains, selects, maps = of("train"), of("select"), of("predict-hsi")
         trains_ok = [r for r in trains if r.get("status") == "ok"]
         selects_ok = [r for r in selects if r.get("status") == "ok"]
@@ -160,11 +168,15 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
             add_hours(hours, device_hours(rec, cfg))
         launch = first.get("launch") or {}
         out[study] = {
-            "cohort": first.get("cohort"), "kind": first.get("kind"), "model": _model_name(first),
-            "backend": launch.get("backend"), "ranks": launch.get("ranks"),
+            "cohort": first.get("cohort"),
+            "kind": first.get("kind"),
+            "model": _model_name(first),
+            "backend": launch.get("backend"),
+            "ranks": launch.get("ranks"),
             "devices": "gpu" if any(gpu_devices(r) for r in trains) else "cpu",
             "n_outer": len({r.get("outer") for r in selects} | {r.get("outer") for r in trains}),
-            "n_train_jobs": len(trains), "n_train_failed": len(trains) - len(trains_ok),
+            "n_train_jobs": len(trains),
+            "n_train_failed": len(trains) - len(trains_ok),
             "train_oacc": mean_std(_metric(r, "train", "oacc") for r in trains_ok),
             "val_oacc": mean_std(_metric(r, "val", "oacc") for r in trains_ok),
             "test_oacc": mean_std(_metric(r, "test", "oacc") for r in selects_ok),
@@ -181,7 +193,9 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
             "nested_cv_wall_s": total(r.get("wall_s") for r in trains + selects + maps),
             "nested_cv_elapsed_s": _elapsed_s(trains + selects + maps),
             **hours,
-            "outer": [_outer_result(r) for r in sorted(selects, key=lambda r: (r.get("outer") is None, r.get("outer")))],
+            "outer": [
+                _outer_result(r) for r in sorted(selects, key=lambda r: (r.get("outer") is None, r.get("outer")))
+            ],
             "curves": [_curves_of(r) for r in sorted(trains, key=lambda r: (r.get("outer") or 0, r.get("inner") or 0))],
             "maps": [m for r in maps for m in _maps_of(r)],
         }
@@ -196,18 +210,39 @@ def _n_train(rec: dict) -> Any:
 def _outer_result(rec: dict) -> dict[str, Any]:
     test = (rec.get("metrics") or {}).get("test") or {}
     val = (rec.get("metrics") or {}).get("val") or {}
-    keep = ("n", "oacc", "sensitivity", "specificity", "auc", "macro_f1", "confusion", "class_names",
-            "positive_class", "per_class_recall")
-    return {"outer": rec.get("outer"), "status": rec.get("status"), "selected_inner": rec.get("selected_inner"),
-            "selection_metric": rec.get("selection_metric"), "candidates": rec.get("candidates"),
-            "val": {k: val.get(k) for k in ("n", "oacc", "auc") if k in val},
-            "test": {k: test.get(k) for k in keep if k in test}, "wall_s": rec.get("wall_s")}
+    keep = (
+        "n",
+        "oacc",
+        "sensitivity",
+        "specificity",
+        "auc",
+        "macro_f1",
+        "confusion",
+        "class_names",
+        "positive_class",
+        "per_class_recall",
+    )
+    return {
+        "outer": rec.get("outer"),
+        "status": rec.get("status"),
+        "selected_inner": rec.get("selected_inner"),
+        "selection_metric": rec.get("selection_metric"),
+        "candidates": rec.get("candidates"),
+        "val": {k: val.get(k) for k in ("n", "oacc", "auc") if k in val},
+        "test": {k: test.get(k) for k in keep if k in test},
+        "wall_s": rec.get("wall_s"),
+    }
 
 
 def _curves_of(rec: dict) -> dict[str, Any]:
     curves = read_curves(Path(rec["_path"]).with_name("curves.csv"))
-    return {"outer": rec.get("outer"), "inner": rec.get("inner"), "status": rec.get("status"),
-            "best_epoch": rec.get("best_epoch"), **curves}
+    return {
+        "outer": rec.get("outer"),
+        "inner": rec.get("inner"),
+        "status": rec.get("status"),
+        "best_epoch": rec.get("best_epoch"),
+        **curves,
+    }
 
 
 def _maps_of(rec: dict) -> list[dict[str, Any]]:
@@ -215,8 +250,15 @@ def _maps_of(rec: dict) -> list[dict[str, Any]]:
     maps_dir = Path(rec["_path"]).parent
     site_dir = maps_dir.parents[3]
     accuracy = _per_image_accuracy(rec)
-    return [{"outer": rec.get("outer"), "image_id": png.stem, "png": str(png.relative_to(site_dir)),
-             "accuracy": accuracy.get(png.stem)} for png in sorted(maps_dir.glob("*.png"))]
+    return [
+        {
+            "outer": rec.get("outer"),
+            "image_id": png.stem,
+            "png": str(png.relative_to(site_dir)),
+            "accuracy": accuracy.get(png.stem),
+        }
+        for png in sorted(maps_dir.glob("*.png"))
+    ]
 
 
 def _per_image_accuracy(rec: dict) -> dict[str, float]:
@@ -247,9 +289,12 @@ def stages(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
             for stage, value in (r.get("timings_s") or {}).items():
                 if finite([value]):
                     stage_values[stage].append(float(value))
-        out[job] = {"n": len(recs), "ok": len(ok),
-                    "wall_s": {**mean_std(r.get("wall_s") for r in ok), "sum": total(r.get("wall_s") for r in ok)},
-                    "timings_s": {s: {**mean_std(v), "sum": float(sum(v))} for s, v in stage_values.items()}}
+        out[job] = {
+            "n": len(recs),
+            "ok": len(ok),
+            "wall_s": {**mean_std(r.get("wall_s") for r in ok), "sum": total(r.get("wall_s") for r in ok)},
+            "timings_s": {s: {**mean_std(v), "sum": float(sum(v))} for s, v in stage_values.items()},
+        }
     return out
 
 
@@ -269,9 +314,13 @@ def cohorts(site_dir: Path) -> dict[str, dict[str, Any]]:
         if not index or not str(index.get("format", "")).startswith("medflow-index/"):
             continue
         out[str(index.get("cohort") or path.stem)] = {
-            "kind": index.get("kind"), "patients": len(index.get("patients") or []),
-            "images": len(index.get("shards") or []), "failed": len(index.get("failed") or []),
-            "class_names": index.get("class_names"), "totals": index.get("totals") or {}}
+            "kind": index.get("kind"),
+            "patients": len(index.get("patients") or []),
+            "images": len(index.get("shards") or []),
+            "failed": len(index.get("failed") or []),
+            "class_names": index.get("class_names"),
+            "totals": index.get("totals") or {},
+        }
     return out
 
 
@@ -284,12 +333,16 @@ def fold_plans(site_dir: Path) -> dict[str, dict[str, Any]]:
             continue
         deviation = plan.get("deviation") or {}
         out[str(plan.get("study") or path.stem)] = {
-            "strategy": plan.get("strategy"), "balance": plan.get("balance"),
-            "k_outer": plan.get("k_outer", len(plan.get("outer") or [])), "k_inner": plan.get("k_inner"),
+            "strategy": plan.get("strategy"),
+            "balance": plan.get("balance"),
+            "k_outer": plan.get("k_outer", len(plan.get("outer") or [])),
+            "k_inner": plan.get("k_inner"),
             "patients": len(plan.get("patients") or []),
             "max_abs_deviation_outer": deviation.get("max_abs_outer"),
-            "test_patients": {int(o["index"]): list(o.get("test_patients") or []) for o in plan.get("outer") or []
-                              if "index" in o}}
+            "test_patients": {
+                int(o["index"]): list(o.get("test_patients") or []) for o in plan.get("outer") or [] if "index" in o
+            },
+        }
     return out
 
 
@@ -303,7 +356,9 @@ def bench_results(site_dir: Path) -> dict[str, Any]:
             continue
         if isinstance(data, dict) and data.get("format", "").startswith("medflow-bench/"):
             out[(data.get("site") or {}).get("host") or path.stem] = {
-                "metrics": data.get("metrics", {}), "finished": data.get("finished")}
+                "metrics": data.get("metrics", {}),
+                "finished": data.get("finished"),
+            }
     return out
 
 
@@ -326,10 +381,13 @@ def summarize(site_dir: str | Path, cfg: dict) -> dict[str, Any]:
         "generated_by": provenance.software()["medflow"],
         "software": software_seen(records),
         "seeds": sorted({r.get("seed") for r in all_recs if r.get("seed") is not None}),
-        "jobs": {"total": len(all_recs), "ok": sum(r.get("status") == "ok" for r in all_recs),
-                 "by_type": {job: len(recs) for job, recs in sorted(records.items())},
-                 "first_started": min((r["started"] for r in all_recs if r.get("started")), default=None),
-                 "last_finished": max((r["finished"] for r in all_recs if r.get("finished")), default=None)},
+        "jobs": {
+            "total": len(all_recs),
+            "ok": sum(r.get("status") == "ok" for r in all_recs),
+            "by_type": {job: len(recs) for job, recs in sorted(records.items())},
+            "first_started": min((r["started"] for r in all_recs if r.get("started")), default=None),
+            "last_finished": max((r["finished"] for r in all_recs if r.get("finished")), default=None),
+        },
         "cohorts": cohorts(site_dir),
         "folds": (plans := fold_plans(site_dir)),
         "preprocessing": preprocessing(records),
@@ -373,6 +431,8 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(args.site_dir, cfg)
     fsio.write_json(args.out, summary)
     jobs = summary["jobs"]
-    print(f"summary {args.out}: site {summary['site']['name']}, {jobs['total']} job records "
-          f"({jobs['ok']} ok), {len(summary['studies'])} studies, {len(summary['preprocessing'])} cohorts")
+    print(
+        f"summary {args.out}: site {summary['site']['name']}, {jobs['total']} job records "
+        f"({jobs['ok']} ok), {len(summary['studies'])} studies, {len(summary['preprocessing'])} cohorts"
+    )
     return 0

@@ -1,5 +1,6 @@
 """Report tables: tidy tables for CSV/JSON (one row per site and item, full precision) and display
 tables for Markdown/HTML (sites side by side, formatted), all built from site summaries."""
+
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ CSV_TABLES = ("sites", "preprocessing", "training", "stages", "nested_cv", "ener
 @dataclass
 class Table:
     """A titled table: ``rows`` hold raw values (CSV/JSON) or display strings (Markdown/HTML)."""
+
     name: str
     title: str
     columns: list[str]
@@ -82,29 +84,77 @@ def _union(summaries: list[dict], getter: Callable[[dict], dict]) -> list[str]:
 
 # ---- tidy tables (CSV / JSON) -------------------------------------------------------------------
 def data_tables(summaries: list[dict], labels: list[str]) -> dict[str, Table]:
-    tables = {t.name: t for t in (_sites_table(summaries, labels), _preprocessing_table(summaries, labels),
-                                  _training_table(summaries, labels), _stages_table(summaries, labels),
-                                  _nested_cv_table(summaries, labels), _energy_table(summaries, labels))}
+    tables = {
+        t.name: t
+        for t in (
+            _sites_table(summaries, labels),
+            _preprocessing_table(summaries, labels),
+            _training_table(summaries, labels),
+            _stages_table(summaries, labels),
+            _nested_cv_table(summaries, labels),
+            _energy_table(summaries, labels),
+        )
+    }
     return tables
 
 
 def _sites_table(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("sites", "Sites", ["site", "name", "cluster", "hosts", "cpu", "cpu_count", "gpus", "gpu_count",
-                                 "jobs", "jobs_ok", "torch", "horovod", "mpi", "medflow", "git", "site_dir"])
+    t = Table(
+        "sites",
+        "Sites",
+        [
+            "site",
+            "name",
+            "cluster",
+            "hosts",
+            "cpu",
+            "cpu_count",
+            "gpus",
+            "gpu_count",
+            "jobs",
+            "jobs_ok",
+            "torch",
+            "horovod",
+            "mpi",
+            "medflow",
+            "git",
+            "site_dir",
+        ],
+    )
     for label, s in zip(labels, summaries):
         site, sw = s["site"], s.get("software", {})
-        t.rows.append([label, site["name"], site.get("cluster"), " ".join(site.get("hosts") or []), site.get("cpu"),
-                       site.get("cpu_count"), "; ".join(site.get("gpus") or []), site.get("gpu_count"),
-                       s["jobs"]["total"], s["jobs"]["ok"], _one(sw.get("torch")), _one(sw.get("horovod")),
-                       _one(sw.get("mpi")), _one(sw.get("medflow")), _one(sw.get("git")), s.get("site_dir")])
+        t.rows.append(
+            [
+                label,
+                site["name"],
+                site.get("cluster"),
+                " ".join(site.get("hosts") or []),
+                site.get("cpu"),
+                site.get("cpu_count"),
+                "; ".join(site.get("gpus") or []),
+                site.get("gpu_count"),
+                s["jobs"]["total"],
+                s["jobs"]["ok"],
+                _one(sw.get("torch")),
+                _one(sw.get("horovod")),
+                _one(sw.get("mpi")),
+                _one(sw.get("medflow")),
+                _one(sw.get("git")),
+                s.get("site_dir"),
+            ]
+        )
     return t
 
 
 def _short_commits(value: Any) -> Any:
     """Commits as 12-hex prefixes (keeping "-dirty"): full hashes of several commits overflow the table."""
     commits = value if isinstance(value, list) else [value]
-    return _one([c[:12] + ("-dirty" if str(c).endswith("-dirty") else "") if isinstance(c, str) and len(c) >= 40
-                 else c for c in commits])
+    return _one(
+        [
+            c[:12] + ("-dirty" if str(c).endswith("-dirty") else "") if isinstance(c, str) and len(c) >= 40 else c
+            for c in commits
+        ]
+    )
 
 
 def _one(value: Any) -> Any:
@@ -112,42 +162,99 @@ def _one(value: Any) -> Any:
 
 
 def _preprocessing_table(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("preprocessing", "Data pre-processing",
-              ["site", "cohort", "kind", "images", "failed", "patches", "wall_s", "s_per_patch",
-               "s_per_patch_image_std", "patches_per_s", "load_ms_per_patch", "load_ms_per_patch_std",
-               "bytes_written"])
+    t = Table(
+        "preprocessing",
+        "Data pre-processing",
+        [
+            "site",
+            "cohort",
+            "kind",
+            "images",
+            "failed",
+            "patches",
+            "wall_s",
+            "s_per_patch",
+            "s_per_patch_image_std",
+            "patches_per_s",
+            "load_ms_per_patch",
+            "load_ms_per_patch_std",
+            "bytes_written",
+        ],
+    )
     for label, s in zip(labels, summaries):
         for cohort, p in s["preprocessing"].items():
             load = p.get("load_ms_per_patch") or {}
-            t.rows.append([label, cohort, p["kind"], p["images"], p["failed"], p["patches"], p["wall_s"],
-                           p["s_per_patch"], (p.get("s_per_patch_images") or {}).get("std"), p["patches_per_s"],
-                           load.get("mean"), load.get("std"), p.get("bytes_written")])
+            t.rows.append(
+                [
+                    label,
+                    cohort,
+                    p["kind"],
+                    p["images"],
+                    p["failed"],
+                    p["patches"],
+                    p["wall_s"],
+                    p["s_per_patch"],
+                    (p.get("s_per_patch_images") or {}).get("std"),
+                    p["patches_per_s"],
+                    load.get("mean"),
+                    load.get("std"),
+                    p.get("bytes_written"),
+                ]
+            )
     return t
 
 
-_STAT_COLUMNS = ("train_oacc", "val_oacc", "test_oacc", "s_per_epoch", "train_img_per_s", "load_ms_per_patch",
-                 "train_patches")
+_STAT_COLUMNS = (
+    "train_oacc",
+    "val_oacc",
+    "test_oacc",
+    "s_per_epoch",
+    "train_img_per_s",
+    "load_ms_per_patch",
+    "train_patches",
+)
 
 
 def _training_table(summaries: list[dict], labels: list[str]) -> Table:
     columns = ["site", "study", "model", "kind", "backend", "ranks", "devices", "n_outer", "n_train_jobs"]
     for key in _STAT_COLUMNS:
         columns += [f"{key}_mean", f"{key}_std", f"{key}_n"]
-    columns += ["epochs_for_time", "time_n_epochs_s", "nested_cv_wall_s", "nested_cv_elapsed_s",
-                "gpu_hours", "cpu_core_hours"]
+    columns += [
+        "epochs_for_time",
+        "time_n_epochs_s",
+        "nested_cv_wall_s",
+        "nested_cv_elapsed_s",
+        "gpu_hours",
+        "cpu_core_hours",
+    ]
     t = Table("training", "Training", columns)
     for study in _union(summaries, lambda s: s["studies"]):
         for label, s in zip(labels, summaries):
             st = s["studies"].get(study)
             if st is None:
                 continue
-            row = [label, study, st["model"], st["kind"], st["backend"], st["ranks"], st["devices"], st["n_outer"],
-                   st["n_train_jobs"]]
+            row = [
+                label,
+                study,
+                st["model"],
+                st["kind"],
+                st["backend"],
+                st["ranks"],
+                st["devices"],
+                st["n_outer"],
+                st["n_train_jobs"],
+            ]
             for key in _STAT_COLUMNS:
                 stat = st.get(key) or {}
                 row += [stat.get("mean"), stat.get("std"), stat.get("n")]
-            row += [st["epochs_for_time"], st["time_n_epochs_s"], st["nested_cv_wall_s"], st["nested_cv_elapsed_s"],
-                    st["gpu_hours"], st["cpu_core_hours"]]
+            row += [
+                st["epochs_for_time"],
+                st["time_n_epochs_s"],
+                st["nested_cv_wall_s"],
+                st["nested_cv_elapsed_s"],
+                st["gpu_hours"],
+                st["cpu_core_hours"],
+            ]
             t.rows.append(row)
     return t
 
@@ -167,27 +274,66 @@ _FOLD_METRICS = ("oacc", "sensitivity", "specificity", "auc", "macro_f1")
 
 
 def _nested_cv_table(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("nested_cv", "Nested cross-validation per outer fold (test set of each outer fold)",
-              ["site", "study", "outer", "selected_inner", "selection_metric", "test_patients", "n", *_FOLD_METRICS,
-               "positive_class"])
+    t = Table(
+        "nested_cv",
+        "Nested cross-validation per outer fold (test set of each outer fold)",
+        [
+            "site",
+            "study",
+            "outer",
+            "selected_inner",
+            "selection_metric",
+            "test_patients",
+            "n",
+            *_FOLD_METRICS,
+            "positive_class",
+        ],
+    )
     for study in _union(summaries, lambda s: s["studies"]):
         for label, s in zip(labels, summaries):
             for fold in (s["studies"].get(study) or {}).get("outer", []):
                 test = fold.get("test") or {}
-                t.rows.append([label, study, fold.get("outer"), fold.get("selected_inner"),
-                               fold.get("selection_metric"), fold.get("test_patients"), test.get("n"),
-                               *[test.get(m) for m in _FOLD_METRICS], test.get("positive_class")])
+                t.rows.append(
+                    [
+                        label,
+                        study,
+                        fold.get("outer"),
+                        fold.get("selected_inner"),
+                        fold.get("selection_metric"),
+                        fold.get("test_patients"),
+                        test.get("n"),
+                        *[test.get(m) for m in _FOLD_METRICS],
+                        test.get("positive_class"),
+                    ]
+                )
     return t
 
 
 def _energy_table(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("energy", "Energy and CO₂ estimate",
-              ["site", "job", "gpu_hours", "cpu_core_hours", "kwh", "co2_g", "power_w_gpu", "power_w_cpu_core",
-               "pue", "carbon_g_per_kwh"])
+    t = Table(
+        "energy",
+        "Energy and CO₂ estimate",
+        [
+            "site",
+            "job",
+            "gpu_hours",
+            "cpu_core_hours",
+            "kwh",
+            "co2_g",
+            "power_w_gpu",
+            "power_w_cpu_core",
+            "pue",
+            "carbon_g_per_kwh",
+        ],
+    )
     for label, s in zip(labels, summaries):
         e = s["energy"]
-        params = [e["params"]["power_w"]["gpu"], e["params"]["power_w"]["cpu_core"], e["params"]["pue"],
-                  e["params"]["carbon_g_per_kwh"]]
+        params = [
+            e["params"]["power_w"]["gpu"],
+            e["params"]["power_w"]["cpu_core"],
+            e["params"]["pue"],
+            e["params"]["carbon_g_per_kwh"],
+        ]
         for job, v in [*e["by_job"].items(), ("total", e["total"])]:
             t.rows.append([label, job, v["gpu_hours"], v["cpu_core_hours"], v["kwh"], v["co2_g"], *params])
     return t
@@ -195,35 +341,57 @@ def _energy_table(summaries: list[dict], labels: list[str]) -> Table:
 
 # ---- side-by-side display tables (Markdown / HTML) -----------------------------------------------
 def display_tables(summaries: list[dict], labels: list[str]) -> list[Table]:
-    return [_display_sites(summaries, labels), _display_cohorts(summaries, labels),
-            _display_preprocessing(summaries, labels),
-            _display_training(summaries, labels), _display_nested_cv(summaries, labels),
-            _display_stages(summaries, labels), _display_energy(summaries, labels),
-            *([_display_bench(summaries, labels)] if any(s.get("bench") for s in summaries) else [])]
+    return [
+        _display_sites(summaries, labels),
+        _display_cohorts(summaries, labels),
+        _display_preprocessing(summaries, labels),
+        _display_training(summaries, labels),
+        _display_nested_cv(summaries, labels),
+        _display_stages(summaries, labels),
+        _display_energy(summaries, labels),
+        *([_display_bench(summaries, labels)] if any(s.get("bench") for s in summaries) else []),
+    ]
 
 
 def _display_sites(summaries: list[dict], labels: list[str]) -> Table:
     t = Table("sites", "Sites", ["", *labels])
-    rows = [("cluster", lambda s: s["site"].get("cluster") or "–"),
-            ("hosts", lambda s: ", ".join(s["site"].get("hosts") or []) or "–"),
-            ("CPU", lambda s: s["site"].get("cpu") or "–"),
-            ("CPU cores (per job)", lambda s: fmt(s["site"].get("cpu_count"))),
-            ("GPUs (per job)", lambda s: f"{s['site'].get('gpu_count')} × {', '.join(s['site']['gpus'])}"
-             if s["site"].get("gpus") else "none"),
-            ("job records (ok)", lambda s: f"{s['jobs']['total']} ({s['jobs']['ok']})"),
-            ("torch / horovod", lambda s: f"{fmt(_one(s['software'].get('torch')))} / {fmt(_one(s['software'].get('horovod')))}"),
-            ("MPI", lambda s: fmt(_one(s["software"].get("mpi")))),
-            ("medflow (git)", lambda s: f"{fmt(_one(s['software'].get('medflow')))} ({fmt(_short_commits(s['software'].get('git')))})")]
+    rows = [
+        ("cluster", lambda s: s["site"].get("cluster") or "–"),
+        ("hosts", lambda s: ", ".join(s["site"].get("hosts") or []) or "–"),
+        ("CPU", lambda s: s["site"].get("cpu") or "–"),
+        ("CPU cores (per job)", lambda s: fmt(s["site"].get("cpu_count"))),
+        (
+            "GPUs (per job)",
+            lambda s: (
+                f"{s['site'].get('gpu_count')} × {', '.join(s['site']['gpus'])}" if s["site"].get("gpus") else "none"
+            ),
+        ),
+        ("job records (ok)", lambda s: f"{s['jobs']['total']} ({s['jobs']['ok']})"),
+        (
+            "torch / horovod",
+            lambda s: f"{fmt(_one(s['software'].get('torch')))} / {fmt(_one(s['software'].get('horovod')))}",
+        ),
+        ("MPI", lambda s: fmt(_one(s["software"].get("mpi")))),
+        (
+            "medflow (git)",
+            lambda s: f"{fmt(_one(s['software'].get('medflow')))} ({fmt(_short_commits(s['software'].get('git')))})",
+        ),
+    ]
     for name, get in rows:
         t.rows.append([name, *[get(s) for s in summaries]])
     return t
 
 
 def _display_cohorts(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("cohorts", "Cohorts and fold plans", ["", *labels],
-              note="from the cohort indexes and fold plans; deviation = largest |fold share − 1/k| over the "
-                   "outer folds (patches, patients).")
+    t = Table(
+        "cohorts",
+        "Cohorts and fold plans",
+        ["", *labels],
+        note="from the cohort indexes and fold plans; deviation = largest |fold share − 1/k| over the "
+        "outer folds (patches, patients).",
+    )
     for cohort in _union(summaries, lambda s: s.get("cohorts", {})):
+
         def cell(s: dict) -> str:
             c = s.get("cohorts", {}).get(cohort)
             return f"{c['patients']} / {c['images']} ({c['failed']})" if c else "–"
@@ -231,9 +399,11 @@ def _display_cohorts(summaries: list[dict], labels: list[str]) -> Table:
         def totals(s: dict) -> str:
             c = s.get("cohorts", {}).get(cohort)
             return ", ".join(f"{k} {v}" for k, v in c["totals"].items()) if c else "–"
+
         t.rows.append([f"{cohort}: patients / images (failed)", *[cell(s) for s in summaries]])
         t.rows.append([f"{cohort}: patches per class", *[totals(s) for s in summaries]])
     for study in _union(summaries, lambda s: s.get("folds", {})):
+
         def plan(s: dict) -> str:
             f = s.get("folds", {}).get(study)
             return f"{f['strategy']} {f['k_outer']}×{f['k_inner']}, {f['balance']}" if f else "–"
@@ -241,16 +411,21 @@ def _display_cohorts(summaries: list[dict], labels: list[str]) -> Table:
         def deviation(s: dict) -> str:
             dev = (s.get("folds", {}).get(study) or {}).get("max_abs_deviation_outer") or {}
             return f"{fmt(dev.get('patches'), 2)}, {fmt(dev.get('patients'), 2)}" if dev else "–"
+
         t.rows.append([f"{study}: folds (outer×inner)", *[plan(s) for s in summaries]])
         t.rows.append([f"{study}: max share deviation", *[deviation(s) for s in summaries]])
     return t
 
 
 def _display_preprocessing(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("preprocessing", "Data pre-processing", ["", *labels],
-              note="s/patch = extraction job wall time ÷ patches extracted (WSI: patch sampling incl. tissue "
-                   "detection and reading; HSI: the whole chain and patch extraction); ms/patch data loading as "
-                   "measured by the training jobs (mean ± std over jobs).")
+    t = Table(
+        "preprocessing",
+        "Data pre-processing",
+        ["", *labels],
+        note="s/patch = extraction job wall time ÷ patches extracted (WSI: patch sampling incl. tissue "
+        "detection and reading; HSI: the whole chain and patch extraction); ms/patch data loading as "
+        "measured by the training jobs (mean ± std over jobs).",
+    )
     for cohort in _union(summaries, lambda s: s["preprocessing"]):
         kinds = {s["preprocessing"][cohort]["kind"] for s in summaries if cohort in s["preprocessing"]}
         what = "WSI patch sampling" if kinds == {"wsi"} else "HSI extraction"
@@ -258,61 +433,133 @@ def _display_preprocessing(summaries: list[dict], labels: list[str]) -> Table:
         def cell(s: dict, get: Callable[[dict], str]) -> str:
             p = s["preprocessing"].get(cohort)
             return get(p) if p else "–"
+
         t.rows.append([f"{what} (s/patch) — {cohort}", *[cell(s, lambda p: fmt(p["s_per_patch"])) for s in summaries]])
-        t.rows.append([f"data loading (ms/patch) — {cohort}",
-                       *[cell(s, lambda p: fmt_ms(p.get("load_ms_per_patch"))) for s in summaries]])
-        t.rows.append([f"patches (images, failed) — {cohort}",
-                       *[cell(s, lambda p: f"{p['patches']} ({p['images']}, {p['failed']})") for s in summaries]])
+        t.rows.append(
+            [
+                f"data loading (ms/patch) — {cohort}",
+                *[cell(s, lambda p: fmt_ms(p.get("load_ms_per_patch"))) for s in summaries],
+            ]
+        )
+        t.rows.append(
+            [
+                f"patches (images, failed) — {cohort}",
+                *[cell(s, lambda p: f"{p['patches']} ({p['images']}, {p['failed']})") for s in summaries],
+            ]
+        )
     return t
 
 
 def _display_training(summaries: list[dict], labels: list[str]) -> Table:
     n_epochs = next((st["epochs_for_time"] for s in summaries for st in s["studies"].values()), 10)
-    t = Table("training", "Training (accuracy mean ± std over folds)",
-              ["study", "site", "model", "train patches/job", "train acc", "val acc", "test acc", "s/epoch",
-               f"time of {n_epochs} epochs (s)",
-               "nested-CV wall (h)", "nested-CV elapsed (h)", "GPU-h", "CPU core-h"],
-              note="train/val accuracy over all inner runs, test accuracy over the outer folds' selected models; "
-                   "nested-CV wall = sum of the wall times of its train, select and predict jobs; elapsed = first "
-                   "start to last finish.")
+    t = Table(
+        "training",
+        "Training (accuracy mean ± std over folds)",
+        [
+            "study",
+            "site",
+            "model",
+            "train patches/job",
+            "train acc",
+            "val acc",
+            "test acc",
+            "s/epoch",
+            f"time of {n_epochs} epochs (s)",
+            "nested-CV wall (h)",
+            "nested-CV elapsed (h)",
+            "GPU-h",
+            "CPU core-h",
+        ],
+        note="train/val accuracy over all inner runs, test accuracy over the outer folds' selected models; "
+        "nested-CV wall = sum of the wall times of its train, select and predict jobs; elapsed = first "
+        "start to last finish.",
+    )
     for study in _union(summaries, lambda s: s["studies"]):
         for label, s in zip(labels, summaries):
             st = s["studies"].get(study)
             if st is None:
                 continue
-            t.rows.append([study, label, st["model"], fmt(_mean(st.get("train_patches"))),
-                           fmt_ms(st["train_oacc"]), fmt_ms(st["val_oacc"]),
-                           fmt_ms(st["test_oacc"]), fmt_ms(st["s_per_epoch"]), fmt(st["time_n_epochs_s"]),
-                           fmt(_hours(st["nested_cv_wall_s"])), fmt(_hours(st["nested_cv_elapsed_s"])),
-                           fmt(st["gpu_hours"]), fmt(st["cpu_core_hours"])])
+            t.rows.append(
+                [
+                    study,
+                    label,
+                    st["model"],
+                    fmt(_mean(st.get("train_patches"))),
+                    fmt_ms(st["train_oacc"]),
+                    fmt_ms(st["val_oacc"]),
+                    fmt_ms(st["test_oacc"]),
+                    fmt_ms(st["s_per_epoch"]),
+                    fmt(st["time_n_epochs_s"]),
+                    fmt(_hours(st["nested_cv_wall_s"])),
+                    fmt(_hours(st["nested_cv_elapsed_s"])),
+                    fmt(st["gpu_hours"]),
+                    fmt(st["cpu_core_hours"]),
+                ]
+            )
     return t
 
 
 def _display_nested_cv(summaries: list[dict], labels: list[str]) -> Table:
-    positives = {(f.get("test") or {}).get("positive_class") for s in summaries for st in s["studies"].values()
-                 for f in st["outer"]} - {None}
+    positives = {
+        (f.get("test") or {}).get("positive_class")
+        for s in summaries
+        for st in s["studies"].values()
+        for f in st["outer"]
+    } - {None}
     positive = positives.pop() if len(positives) == 1 else "positive-class"
-    t = Table("nested_cv", "Nested cross-validation: test results per outer fold",
-              ["study", "outer fold", "site", "selected inner", "test patients", "test patches", "OACC",
-               f"{positive} sensitivity", "specificity", "AUC"],
-              note="sensitivity/specificity of the study's positive class vs the rest; last row per site: mean ± std.")
+    t = Table(
+        "nested_cv",
+        "Nested cross-validation: test results per outer fold",
+        [
+            "study",
+            "outer fold",
+            "site",
+            "selected inner",
+            "test patients",
+            "test patches",
+            "OACC",
+            f"{positive} sensitivity",
+            "specificity",
+            "AUC",
+        ],
+        note="sensitivity/specificity of the study's positive class vs the rest; last row per site: mean ± std.",
+    )
     for study in _union(summaries, lambda s: s["studies"]):
-        outers = sorted({f.get("outer") for s in summaries for f in (s["studies"].get(study) or {}).get("outer", [])},
-                        key=lambda o: (o is None, o))
+        outers = sorted(
+            {f.get("outer") for s in summaries for f in (s["studies"].get(study) or {}).get("outer", [])},
+            key=lambda o: (o is None, o),
+        )
         for outer in outers:
             for label, s in zip(labels, summaries):
                 for fold in (s["studies"].get(study) or {}).get("outer", []):
                     if fold.get("outer") != outer:
                         continue
                     test = fold.get("test") or {}
-                    t.rows.append([study, fmt(outer), label, fmt(fold.get("selected_inner")),
-                                   fmt(fold.get("test_patients")), fmt(test.get("n")),
-                                   *[fmt(test.get(m)) for m in ("oacc", "sensitivity", "specificity", "auc")]])
+                    t.rows.append(
+                        [
+                            study,
+                            fmt(outer),
+                            label,
+                            fmt(fold.get("selected_inner")),
+                            fmt(fold.get("test_patients")),
+                            fmt(test.get("n")),
+                            *[fmt(test.get(m)) for m in ("oacc", "sensitivity", "specificity", "auc")],
+                        ]
+                    )
         for label, s in zip(labels, summaries):
             st = s["studies"].get(study)
             if st and st["outer"]:
-                t.rows.append([study, "mean ± std", label, "", "", "",
-                               *[fmt_ms(st[f"test_{m}"]) for m in ("oacc", "sensitivity", "specificity", "auc")]])
+                t.rows.append(
+                    [
+                        study,
+                        "mean ± std",
+                        label,
+                        "",
+                        "",
+                        "",
+                        *[fmt_ms(st[f"test_{m}"]) for m in ("oacc", "sensitivity", "specificity", "auc")],
+                    ]
+                )
     return t
 
 
@@ -329,8 +576,13 @@ def _display_stages(summaries: list[dict], labels: list[str]) -> Table:
                     continue
                 stat = st["wall_s"] if stage == "wall" else st["timings_s"].get(stage)
                 cells.append(fmt_ms(stat))
-            t.rows.append([job if stage == "wall" else "", stage if stage != "wall" else f"job wall ({_jobs(summaries, job)})",
-                           *cells])
+            t.rows.append(
+                [
+                    job if stage == "wall" else "",
+                    stage if stage != "wall" else f"job wall ({_jobs(summaries, job)})",
+                    *cells,
+                ]
+            )
     return t
 
 
@@ -339,16 +591,25 @@ def _jobs(summaries: list[dict], job: str) -> str:
 
 
 def _display_energy(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("energy", "Energy and CO₂ estimate (all jobs)", ["", *labels],
-              note="kWh = (GPU-h × W per GPU + CPU core-h × W per core) × PUE ÷ 1000; CO₂ = kWh × carbon intensity. "
-                   "Jobs that used GPUs count GPU-hours only.")
-    rows = [("GPU-hours", lambda e: fmt(e["total"]["gpu_hours"])),
-            ("CPU core-hours", lambda e: fmt(e["total"]["cpu_core_hours"])),
-            ("energy (kWh)", lambda e: fmt(e["total"]["kwh"])),
-            ("CO₂ (g)", lambda e: fmt(e["total"]["co2_g"])),
-            ("power W/GPU, W/core", lambda e: f"{fmt(e['params']['power_w']['gpu'])}, {fmt(e['params']['power_w']['cpu_core'])}"),
-            ("PUE", lambda e: fmt(e["params"]["pue"])),
-            ("carbon intensity (g/kWh)", lambda e: fmt(e["params"]["carbon_g_per_kwh"]))]
+    t = Table(
+        "energy",
+        "Energy and CO₂ estimate (all jobs)",
+        ["", *labels],
+        note="kWh = (GPU-h × W per GPU + CPU core-h × W per core) × PUE ÷ 1000; CO₂ = kWh × carbon intensity. "
+        "Jobs that used GPUs count GPU-hours only.",
+    )
+    rows = [
+        ("GPU-hours", lambda e: fmt(e["total"]["gpu_hours"])),
+        ("CPU core-hours", lambda e: fmt(e["total"]["cpu_core_hours"])),
+        ("energy (kWh)", lambda e: fmt(e["total"]["kwh"])),
+        ("CO₂ (g)", lambda e: fmt(e["total"]["co2_g"])),
+        (
+            "power W/GPU, W/core",
+            lambda e: f"{fmt(e['params']['power_w']['gpu'])}, {fmt(e['params']['power_w']['cpu_core'])}",
+        ),
+        ("PUE", lambda e: fmt(e["params"]["pue"])),
+        ("carbon intensity (g/kWh)", lambda e: fmt(e["params"]["carbon_g_per_kwh"])),
+    ]
     for name, get in rows:
         t.rows.append([name, *[get(s["energy"]) for s in summaries]])
     return t
@@ -379,7 +640,10 @@ def csv_text(table: Table) -> str:
 def markdown_table(table: Table) -> str:
     def esc(v: Any) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(esc(c) for c in table.columns) + " |",
-             "|" + "|".join("---" for _ in table.columns) + "|"]
+
+    lines = [
+        "| " + " | ".join(esc(c) for c in table.columns) + " |",
+        "|" + "|".join("---" for _ in table.columns) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in table.rows]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Dihedral (D4) augmentation of square patches: 4 rotations × optional mirror, per sample of a batch."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ A checkpoint is written atomically after every epoch by rank 0 and holds every r
 states, so a resumed job reaches bitwise the same weights on CPU. It is resumed only by the job
 whose identity it records (`checkpoint_identity`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -81,8 +82,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def checkpoint_identity(job: FoldJob) -> dict[str, Any]:
     """A checkpoint is resumed only by the same job: same config sections, fold and patients."""
     patients = {"train": sorted(job.patients["train"]), "val": sorted(job.patients["val"])}
-    return {"study": job.study, "outer": job.outer, "inner": job.inner, "config_hash": job.config_hash,
-            "patients": hashlib.sha256(config_mod.canonical_json(patients).encode()).hexdigest()[:16]}
+    return {
+        "study": job.study,
+        "outer": job.outer,
+        "inner": job.inner,
+        "config_hash": job.config_hash,
+        "patients": hashlib.sha256(config_mod.canonical_json(patients).encode()).hexdigest()[:16],
+    }
 
 
 def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -100,16 +106,31 @@ def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     return ckpt
 
 
-def save_checkpoint(job: FoldJob, d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
-                    progress: Progress, best_state: dict | None, identity: dict) -> None:
+def save_checkpoint(
+    job: FoldJob,
+    d: Dist,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    progress: Progress,
+    best_state: dict | None,
+    identity: dict,
+) -> None:
     states = d.allgather_object(rng_state())  # every rank's generators: dropout etc. differ by rank
     if not d.is_root:
         return
-    ckpt = {"format": CHECKPOINT_FORMAT, "identity": identity, "world_size": d.size,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": {"kind": "lr_at(epoch)", "epochs_done": progress.epochs_done},
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "progress": asdict(progress), "best_state": best_state, "rng": states}
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "identity": identity,
+        "world_size": d.size,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"kind": "lr_at(epoch)", "epochs_done": progress.epochs_done},
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "progress": asdict(progress),
+        "best_state": best_state,
+        "rng": states,
+    }
     with fsio.atomic_path(job.out_dir / "checkpoint.pt") as tmp:
         torch.save(ckpt, tmp)
     fsio.write_text(job.out_dir / "curves.csv", curves_csv(progress.curves))

@@ -12,6 +12,7 @@ who it is from the launcher's environment and hides the backend behind one small
 
 Every rank pins the GPU of its local rank and limits its intra-op threads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,7 +84,7 @@ def _rendezvous_host() -> str:
 class Dist:
     """The data-parallel context of this process. Use ``init`` to create it."""
 
-    backend: str = "none"        # what actually runs: horovod | ddp | none (one process)
+    backend: str = "none"  # what actually runs: horovod | ddp | none (one process)
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -140,6 +141,7 @@ class Dist:
             self._hvd.broadcast_parameters(buffers, root_rank=0)
             return
         import torch.distributed as td
+
         for _, buf in buffers:
             td.broadcast(buf, src=0)
 
@@ -151,6 +153,7 @@ class Dist:
             return self._hvd.allreduce(t, op=self._hvd.Sum, name=None)
         if self.backend == "ddp":
             import torch.distributed as td
+
             dev = t.to(self.device) if td.get_backend() == "nccl" else t
             td.all_reduce(dev, op=td.ReduceOp.SUM)
             return dev.cpu()
@@ -165,6 +168,7 @@ class Dist:
             return list(self._hvd.allgather_object(obj))
         if self.backend == "ddp":
             import torch.distributed as td
+
             out: list[Any] = [None] * self.size
             td.all_gather_object(out, obj)
             return out
@@ -176,6 +180,7 @@ class Dist:
             return self._hvd.broadcast_object(obj, root_rank=0)
         if self.backend == "ddp":
             import torch.distributed as td
+
             box = [obj]
             td.broadcast_object_list(box, src=0)
             return box[0]
@@ -186,6 +191,7 @@ class Dist:
             self._hvd.allreduce(torch.zeros(1), name="medflow.barrier")
         elif self.backend == "ddp":
             import torch.distributed as td
+
             td.barrier()
 
     def shutdown(self) -> None:
@@ -193,6 +199,7 @@ class Dist:
             self._hvd.shutdown()
         elif self.backend == "ddp":
             import torch.distributed as td
+
             if td.is_initialized():
                 td.destroy_process_group()
         self.backend = "none"
@@ -245,8 +252,10 @@ def _init_horovod(threads: int) -> Dist:
     try:
         import horovod.torch as hvd
     except ImportError as exc:  # a site without Horovod: name the fix, not a traceback
-        raise RuntimeError("launch.backend is 'horovod' but horovod.torch cannot be imported "
-                           f"({exc}); install it (containers/install.sh) or set launch.backend: ddp") from None
+        raise RuntimeError(
+            "launch.backend is 'horovod' but horovod.torch cannot be imported "
+            f"({exc}); install it (containers/install.sh) or set launch.backend: ddp"
+        ) from None
     hvd.init()
     set_threads(threads)
     device = _pick_device(hvd.local_rank())
@@ -262,8 +271,12 @@ def _init_ddp(rank: int, size: int, local_rank: int, threads: int) -> Dist:
     set_threads(threads)
     device = _pick_device(local_rank)
     address = comm.bcast((_rendezvous_host(), _free_port()) if rank == 0 else None, root=0)
-    td.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                          init_method=f"tcp://{address[0]}:{address[1]}", rank=rank, world_size=size)
+    td.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{address[0]}:{address[1]}",
+        rank=rank,
+        world_size=size,
+    )
     return Dist("ddp", rank, size, local_rank, device)
 
 

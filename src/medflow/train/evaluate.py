@@ -1,4 +1,5 @@
 """Prediction over a whole patch set, sharded across ranks and gathered, and the loss/accuracy of it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ def rank_slice(n: int, rank: int, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_set(model: nn.Module, pset: PatchSet, d: Dist, batch_size: int, amp: bool = False,
-                gather: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+def predict_set(
+    model: nn.Module, pset: PatchSet, d: Dist, batch_size: int, amp: bool = False, gather: bool = True
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(y_true, y_prob, load_s) of the whole set in set order: each rank predicts its slice and the
     slices are gathered to every rank. ``model`` is the unwrapped network (DDP's forward would wait
     for the other ranks, whose slices may have a different number of batches)."""

@@ -11,6 +11,7 @@ Outputs in ``--out-dir`` (rank 0): ``checkpoint.pt`` after every epoch (atomic),
 and ``record.json`` last, so a directory with a record is a finished job. A rerun (SLURM requeue,
 restart after a kill) resumes from ``checkpoint.pt`` and on CPU reaches bitwise the same weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,20 @@ from .trainer import Trainer, recalibrate_batchnorm
 
 
 def model_meta(job: FoldJob, pset_train: PatchSet, progress: Progress) -> dict[str, Any]:
-    return {"class_names": pset_train.class_names, "kind": job.index["kind"], "study": job.study,
-            "cohort": job.index["cohort"], "outer": job.outer, "inner": job.inner,
-            "positive_class": job.study_cfg["positive_class"], "epochs_run": progress.epochs_done,
-            "best_epoch": progress.best_epoch, "seed": job.seed, "config_hash": job.config_hash,
-            "dtype": str(pset_train.dtype)}
+    return {
+        "class_names": pset_train.class_names,
+        "kind": job.index["kind"],
+        "study": job.study,
+        "cohort": job.index["cohort"],
+        "outer": job.outer,
+        "inner": job.inner,
+        "positive_class": job.study_cfg["positive_class"],
+        "epochs_run": progress.epochs_done,
+        "best_epoch": progress.best_epoch,
+        "seed": job.seed,
+        "config_hash": job.config_hash,
+        "dtype": str(pset_train.dtype),
+    }
 
 
 def clear_final_outputs(out_dir: Path) -> None:
@@ -60,10 +70,19 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
     with record.timed("prepare_train"):
         train_set = PatchSet(job.index, job.patients["train"], tc["max_patches"], job.derive("train-set"))
         per_rank = -(-len(train_set) // d.size)
-        loader = make_loader(train_set, batch_size=tc["batch_size"], rank=d.rank, world_size=d.size,
-                             shuffle=True, seed=job.derive("loader"), augment=tc["augment"],
-                             balance=tc["balance"], sampling=tc["sampling"],
-                             drop_last=per_rank >= tc["batch_size"], workers=tc["workers"])
+        loader = make_loader(
+            train_set,
+            batch_size=tc["batch_size"],
+            rank=d.rank,
+            world_size=d.size,
+            shuffle=True,
+            seed=job.derive("loader"),
+            augment=tc["augment"],
+            balance=tc["balance"],
+            sampling=tc["sampling"],
+            drop_last=per_rank >= tc["batch_size"],
+            workers=tc["workers"],
+        )
         torch.manual_seed(job.derive("init"))
         in_channels, patch_size = train_set.patch_shape[-1], train_set.patch_shape[0]
         try:
@@ -100,8 +119,11 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
         d.broadcast_state(model, optimizer)
         trainer = Trainer(wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler)
     with record.timed("prepare_test"):
-        val_set = PatchSet(job.index, job.patients["val"], tc["max_patches"], job.derive("val-set")) \
-            if job.patients["val"] else None
+        val_set = (
+            PatchSet(job.index, job.patients["val"], tc["max_patches"], job.derive("val-set"))
+            if job.patients["val"]
+            else None
+        )
 
     eval_batch = max(2 * int(tc["batch_size"]), 64)
     val_load_s = 0.0
@@ -128,14 +150,25 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             progress.epoch_s.append(epoch_s)
             progress.train_s += train_s
             progress.patches_seen += int(stats["patches"])
-            progress.curves.append({"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"],
-                                    "val_loss": val_loss, "val_acc": val_acc, "lr": stats["lr"],
-                                    "epoch_s": round(epoch_s, 4)})
+            progress.curves.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": stats["loss"],
+                    "train_acc": stats["acc"],
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "lr": stats["lr"],
+                    "epoch_s": round(epoch_s, 4),
+                }
+            )
             save_checkpoint(job, d, model, optimizer, scaler, progress, best_state, identity)
             if d.is_root:
-                print(f"[{job.study} o{job.outer} i{job.inner}] epoch {epoch}: loss {stats['loss']:.4f} "
-                      f"acc {stats['acc']:.3f} val_loss {val_loss if val_loss is None else round(val_loss, 4)} "
-                      f"val_acc {val_acc} ({epoch_s:.2f}s)", flush=True)
+                print(
+                    f"[{job.study} o{job.outer} i{job.inner}] epoch {epoch}: loss {stats['loss']:.4f} "
+                    f"acc {stats['acc']:.3f} val_loss {val_loss if val_loss is None else round(val_loss, 4)} "
+                    f"val_acc {val_acc} ({epoch_s:.2f}s)",
+                    flush=True,
+                )
 
     # The exported model: the best validation-loss epoch (the last one without validation).
     if best_state is not None:
@@ -147,8 +180,9 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             y_true, y_prob, _ = predict_set(model, val_set, d, eval_batch, amp=trainer.amp)
     load_ms = _load_ms_per_patch(d, loader)
     if d.is_root:
-        fill_record(record, job, d, train_set, val_set, progress, load_ms,
-                    (y_true, y_prob) if val_set is not None else None)
+        fill_record(
+            record, job, d, train_set, val_set, progress, load_ms, (y_true, y_prob) if val_set is not None else None
+        )
         # Also here: a job resumed from a checkpoint that covers every epoch runs no epoch (and Snakemake
         # deleted the declared outputs before the rerun).
         fsio.write_text(job.out_dir / "curves.csv", curves_csv(progress.curves))
@@ -161,16 +195,26 @@ def _load_ms_per_patch(d: dist_mod.Dist, loader: EpochLoader) -> float | None:
     return 1000.0 * load_s / patches if patches else None
 
 
-def fill_record(record: JobRecord, job: FoldJob, d: dist_mod.Dist, train_set: PatchSet, val_set: PatchSet | None,
-                progress: Progress, load_ms: float | None, val_pred: tuple | None) -> None:
+def fill_record(
+    record: JobRecord,
+    job: FoldJob,
+    d: dist_mod.Dist,
+    train_set: PatchSet,
+    val_set: PatchSet | None,
+    progress: Progress,
+    load_ms: float | None,
+    val_pred: tuple | None,
+) -> None:
     last = progress.curves[-1] if progress.curves else {}
     epochs = progress.epoch_s
     record["timings_s"]["epochs"] = [round(s, 4) for s in epochs]
-    record["throughput"].update({
-        "load_ms_per_patch": load_ms,
-        "train_img_per_s": progress.patches_seen / progress.train_s if progress.train_s else None,
-        "s_per_epoch": float(np.mean(epochs)) if epochs else None,
-    })
+    record["throughput"].update(
+        {
+            "load_ms_per_patch": load_ms,
+            "train_img_per_s": progress.patches_seen / progress.train_s if progress.train_s else None,
+            "s_per_epoch": float(np.mean(epochs)) if epochs else None,
+        }
+    )
     metrics: dict[str, Any] = {"train": {"oacc": last.get("train_acc"), "loss": last.get("train_loss")}}
     if val_pred is not None:
         y_true, y_prob = val_pred
@@ -183,8 +227,10 @@ def fill_record(record: JobRecord, job: FoldJob, d: dist_mod.Dist, train_set: Pa
     record["epochs_run"] = progress.epochs_done
     record["best_epoch"] = progress.best_epoch
     record["early_stopped"] = progress.stopped
-    record["lr"] = {"base": float(job.train_cfg["lr"]), "peak": scaled_lr(float(job.train_cfg["lr"]), d.size,
-                                                                          job.train_cfg["lr_scaling"])}
+    record["lr"] = {
+        "base": float(job.train_cfg["lr"]),
+        "peak": scaled_lr(float(job.train_cfg["lr"]), d.size, job.train_cfg["lr_scaling"]),
+    }
     record["eval"] = "val predictions sharded across ranks and gathered (allgather); metrics over the whole set"
     record["outputs"] = {"model": "model.pt", "checkpoint": "checkpoint.pt", "curves": "curves.csv"}
 
@@ -196,8 +242,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, help="cohort index JSON")
     p.add_argument("--folds", required=True, help="fold plan JSON (medflow plan-folds)")
     p.add_argument("--outer", type=int, required=True)
-    p.add_argument("--inner", type=int, default=None,
-                   help="inner fold; omit to train on the whole outer training set (no validation)")
+    p.add_argument(
+        "--inner",
+        type=int,
+        default=None,
+        help="inner fold; omit to train on the whole outer training set (no validation)",
+    )
     p.add_argument("--out-dir", required=True)
 
 
@@ -219,9 +269,17 @@ def run(args: argparse.Namespace) -> int:
             job.out_dir.mkdir(parents=True, exist_ok=True)
             clear_final_outputs(job.out_dir)
         d.barrier()
-        record = JobRecord("train", job.cfg, record_sections(job.study), study=job.study,
-                           cohort=job.index["cohort"], kind=job.index["kind"],
-                           model=job.study_cfg["model"]["name"], outer=job.outer, inner=job.inner)
+        record = JobRecord(
+            "train",
+            job.cfg,
+            record_sections(job.study),
+            study=job.study,
+            cohort=job.index["cohort"],
+            kind=job.index["kind"],
+            model=job.study_cfg["model"]["name"],
+            outer=job.outer,
+            inner=job.inner,
+        )
         devices = [dev for part in d.allgather_object(d.devices) for dev in part]
         record["launch"] = provenance.launch_info(d.backend, d.size, devices)
         record["launch"]["backend_requested"] = launch["backend"]
@@ -229,7 +287,10 @@ def run(args: argparse.Namespace) -> int:
         train_fold(job, d, record)
         if d.is_root:
             record.finish("ok").save(job.out_dir / "record.json")
-            print(f"train {job.out_dir}: {record['epochs_run']} epochs, val "
-                  f"{(record['metrics'].get('val') or {}).get('oacc')}", flush=True)
+            print(
+                f"train {job.out_dir}: {record['epochs_run']} epochs, val "
+                f"{(record['metrics'].get('val') or {}).get('oacc')}",
+                flush=True,
+            )
         d.barrier()
     return 0

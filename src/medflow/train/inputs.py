@@ -3,6 +3,7 @@
 Resolved and checked before anything is written (`load_fold_job`); used by `medflow train` and
 `medflow select`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,14 +52,17 @@ def record_sections(study: str) -> tuple[str, ...]:
     return (f"studies.{study}", "launch", "folds")
 
 
-def load_fold_job(config_path: str, study: str, index_path: str, folds_path: str, outer: int,
-                  inner: int | None, out_dir: str) -> FoldJob:
+def load_fold_job(
+    config_path: str, study: str, index_path: str, folds_path: str, outer: int, inner: int | None, out_dir: str
+) -> FoldJob:
     cfg = config_mod.load(config_path)
     study_cfg = config_mod.study(cfg, study, config_path)
     index = load_index(index_path)
     plan = load_plan(folds_path)
     if index["cohort"] != study_cfg["cohort"]:
-        raise InputError(index_path, f"index is cohort {index['cohort']!r}, study {study!r} uses {study_cfg['cohort']!r}")
+        raise InputError(
+            index_path, f"index is cohort {index['cohort']!r}, study {study!r} uses {study_cfg['cohort']!r}"
+        )
     if plan.get("cohort") != index["cohort"] or plan.get("study") not in (None, study):
         raise InputError(folds_path, f"fold plan is for study {plan.get('study')!r} / cohort {plan.get('cohort')!r}")
     check_index(plan, index, folds_path)

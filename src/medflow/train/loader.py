@@ -7,6 +7,7 @@ shuffled, patches shuffled within a window of 16 chunks). The plan is padded by 
 into equal, disjoint, contiguous per-rank parts, so every rank runs the same number of batches
 (allreduce lockstep); each batch is put in storage order. Reading: `medflow.train.patchset`.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,11 @@ class BufferPool:
 
     def get(self, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
         for i in range(len(self._arrays)):
-            if (self._arrays[i].shape[0] == n and self._arrays[i] is not exclude
-                    and sys.getrefcount(self._arrays[i]) <= _POOL_ONLY_REFS):
+            if (
+                self._arrays[i].shape[0] == n
+                and self._arrays[i] is not exclude
+                and sys.getrefcount(self._arrays[i]) <= _POOL_ONLY_REFS
+            ):
                 return self._arrays[i]
         arr = np.empty((n, *self.patch_shape), dtype=self.dtype)
         if len(self._arrays) >= self.size:
@@ -72,11 +76,25 @@ _POOL_ONLY_REFS = _refs_held_by_pool_only()
 class EpochLoader:
     """Iterates (x, y) batches of one rank; ``set_epoch`` reshuffles deterministically."""
 
-    def __init__(self, pset: PatchSet, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, seed: int = 0, augment: str = "none", balance: str = "none",
-                 sampling: str = "shuffle", drop_last: bool = False, workers: int = 0,
-                 preload: str | bool | int = "auto", window_chunks: int | None = None,
-                 prefetch: int = 0, pin_memory: bool = False):
+    def __init__(
+        self,
+        pset: PatchSet,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: str = "none",
+        balance: str = "none",
+        sampling: str = "shuffle",
+        drop_last: bool = False,
+        workers: int = 0,
+        preload: str | bool | int = "auto",
+        window_chunks: int | None = None,
+        prefetch: int = 0,
+        pin_memory: bool = False,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if sampling not in ("shuffle", "stratified"):
@@ -119,7 +137,7 @@ class EpochLoader:
         split = np.searchsorted(starts // B, np.arange(len(self) + 1))
         runs = []
         for b in range(len(self)):
-            s = starts[split[b]:split[b + 1]]
+            s = starts[split[b] : split[b + 1]]
             runs.append((segs[s].tolist(), (s[1:] - b * B).tolist()))
         return runs
 
@@ -138,11 +156,11 @@ class EpochLoader:
             idx, tf = idx[order], tf[order]
         per_rank = self._per_rank_len(len(idx))
         total = per_rank * self.world_size
-        if total > len(idx) and len(idx):   # pad by wrapping, like DistributedSampler
+        if total > len(idx) and len(idx):  # pad by wrapping, like DistributedSampler
             reps = -(-total // len(idx))
             idx, tf = np.tile(idx, reps)[:total], np.tile(tf, reps)[:total]
         lo = self.rank * per_rank
-        idx, tf = idx[lo:lo + per_rank], tf[lo:lo + per_rank]
+        idx, tf = idx[lo : lo + per_rank], tf[lo : lo + per_rank]
         # Within each batch, storage order: the batch's content is unchanged, and each run of
         # rows from one segment is then copied once, straight into the batch.
         p = self.pset
@@ -220,9 +238,14 @@ class EpochLoader:
                 yield x, y
 
     def _worker_batches(self) -> Iterator[tuple[Any, Any]]:
-        loader: DataLoader = DataLoader(_BatchDataset(self), batch_size=None, shuffle=False,
-                            num_workers=self.workers, persistent_workers=False,
-                            multiprocessing_context="fork" if os.name == "posix" else None)
+        loader: DataLoader = DataLoader(
+            _BatchDataset(self),
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.workers,
+            persistent_workers=False,
+            multiprocessing_context="fork" if os.name == "posix" else None,
+        )
         yield from loader
 
     @property
@@ -258,17 +281,43 @@ def _want_preload(preload: str | bool | int, pset: PatchSet) -> bool:
     raise ValueError(f"preload must be 'auto', a bool or a byte limit, not {preload!r}")
 
 
-def make_loader(pset: PatchSet, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                shuffle: bool = True, seed: int = 0, augment: str = "none", balance: str = "none",
-                sampling: str = "shuffle", drop_last: bool = False, workers: int = 0,
-                preload: str | bool | int = "auto", window_chunks: int | None = None,
-                prefetch: int = 0, pin_memory: bool = False) -> EpochLoader:
+def make_loader(
+    pset: PatchSet,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    augment: str = "none",
+    balance: str = "none",
+    sampling: str = "shuffle",
+    drop_last: bool = False,
+    workers: int = 0,
+    preload: str | bool | int = "auto",
+    window_chunks: int | None = None,
+    prefetch: int = 0,
+    pin_memory: bool = False,
+) -> EpochLoader:
     """The per-rank epoch loader (see the module docstring for the design).
 
     ``workers`` > 0: DataLoader worker processes (forked) build the batches; ``prefetch`` > 0
     (with workers = 0): one background thread reads that many batches ahead; ``pin_memory``
     pins batches for asynchronous host-to-GPU copies (CUDA only)."""
-    return EpochLoader(pset, batch_size=batch_size, rank=rank, world_size=world_size, shuffle=shuffle,
-                       seed=seed, augment=augment, balance=balance, sampling=sampling,
-                       drop_last=drop_last, workers=workers, preload=preload, window_chunks=window_chunks,
-                       prefetch=prefetch, pin_memory=pin_memory)
+    return EpochLoader(
+        pset,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        shuffle=shuffle,
+        seed=seed,
+        augment=augment,
+        balance=balance,
+        sampling=sampling,
+        drop_last=drop_last,
+        workers=workers,
+        preload=preload,
+        window_chunks=window_chunks,
+        prefetch=prefetch,
+        pin_memory=pin_memory,
+    )

@@ -11,6 +11,7 @@ loadable with ``torch.load(path, weights_only=True)``::
     {"format": "medflow-model/1", "model_cfg": {...}, "n_classes", "in_channels", "patch_size",
      "class_names", "kind", "state_dict": {name: tensor}, ...extra meta (plain JSON types)}
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_INPUT = 299
 AUX_LOSS_WEIGHT = 0.4  # torchvision/Szegedy et al. weight of the auxiliary classifier's loss
 
-MODEL_DEFAULTS: dict[str, Any] = {"name": "resnet50", "input_size": 0, "pretrained": "", "head_layers": [],
-                                  "dropout": 0.0, "trainable_layers": -1}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "name": "resnet50",
+    "input_size": 0,
+    "pretrained": "",
+    "head_layers": [],
+    "dropout": 0.0,
+    "trainable_layers": -1,
+}
 
 
 class InputAdapter(nn.Module):
@@ -124,7 +131,8 @@ class MedflowNet(nn.Module):
         # Frozen blocks keep their BatchNorm statistics: otherwise fine-tuning drifts them anyway.
         for module in self.net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                    p.requires_grad for p in module.parameters(recurse=False)):
+                p.requires_grad for p in module.parameters(recurse=False)
+            ):
                 module.eval()
         return self
 
@@ -149,8 +157,9 @@ def effective_input_size(model_cfg: dict, patch_size: int) -> int:
 
 
 def _first_conv(in_channels: int, like: nn.Conv2d) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, like.out_channels, kernel_size=like.kernel_size, stride=like.stride,  # type: ignore[arg-type]
-                     padding=like.padding, bias=like.bias is not None)  # type: ignore[arg-type]
+    # torch types the attributes as tuple[int, ...]; the constructor wants 2-tuples (which they are).
+    geometry: dict[str, Any] = {"kernel_size": like.kernel_size, "stride": like.stride, "padding": like.padding}
+    return nn.Conv2d(in_channels, like.out_channels, bias=like.bias is not None, **geometry)
 
 
 def _torchvision_net(cfg: dict, n_classes: int, in_channels: int) -> nn.Module:
@@ -161,8 +170,7 @@ def _torchvision_net(cfg: dict, n_classes: int, in_channels: int) -> nn.Module:
             net.conv1 = _first_conv(in_channels, net.conv1)
         net.fc = Head(net.fc.in_features, n_classes, heads, dropout)
     elif name == "inception_v3":
-        net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True,
-                                              transform_input=False)
+        net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True, transform_input=False)
         if in_channels != 3:
             net.Conv2d_1a_3x3.conv = _first_conv(in_channels, net.Conv2d_1a_3x3.conv)
         net.fc = Head(net.fc.in_features, n_classes, heads, dropout)
@@ -200,7 +208,7 @@ def freeze_all_but_last(net: nn.Module, trainable: int) -> None:
     blocks = parameter_blocks(net)
     for p in net.parameters():
         p.requires_grad_(False)
-    for block in blocks[len(blocks) - trainable:] if trainable else []:
+    for block in blocks[len(blocks) - trainable :] if trainable else []:
         for p in block.parameters():
             p.requires_grad_(True)
 
@@ -210,7 +218,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         for prefix in ("module.", "net."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -256,8 +264,12 @@ def build(model_cfg: dict | None, n_classes: int, in_channels: int, patch_size: 
     if cfg["pretrained"]:
         load_pretrained(net, cfg["pretrained"])
     freeze_all_but_last(net, int(cfg["trainable_layers"]))
-    spec = {"model_cfg": cfg, "n_classes": int(n_classes), "in_channels": int(in_channels),
-            "patch_size": int(patch_size)}
+    spec = {
+        "model_cfg": cfg,
+        "n_classes": int(n_classes),
+        "in_channels": int(in_channels),
+        "patch_size": int(patch_size),
+    }
     return MedflowNet(InputAdapter(in_channels, effective_input_size(cfg, patch_size)), net, spec)
 
 
@@ -298,8 +310,12 @@ def model_payload(model: nn.Module, meta: dict | None = None) -> dict[str, Any]:
     if spec is None:
         raise TypeError("save_model needs a model built by medflow.models.build")
     meta = _plain(meta or {})
-    payload: dict[str, Any] = {"format": MODEL_FORMAT, **_plain(spec), "class_names": meta.pop("class_names", None),
-                               "kind": meta.pop("kind", None)}
+    payload: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        **_plain(spec),
+        "class_names": meta.pop("class_names", None),
+        "kind": meta.pop("kind", None),
+    }
     for key, value in meta.items():
         payload.setdefault(key, value)
     payload["state_dict"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

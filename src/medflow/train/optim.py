@@ -1,4 +1,5 @@
 """Learning rate and optimiser: LR scaled by world size, warm-up, schedules as pure functions of time."""
+
 from __future__ import annotations
 
 import math

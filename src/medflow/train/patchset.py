@@ -10,6 +10,7 @@ cache, which all ranks of a node share). Compressed shards: whole chunks through
 LRU, or RAM after ``preload()``. Handles (h5py files, memory maps) are per process, opened lazily
 and reopened after a fork or unpickling, so DataLoader worker processes never share one.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -24,7 +25,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.seeds import rng_for
 
-CHUNK_CACHE_BYTES = 256 << 20   # LRU of whole chunks for shards read through h5py (compressed)
+CHUNK_CACHE_BYTES = 256 << 20  # LRU of whole chunks for shards read through h5py (compressed)
 
 
 # ---- where the rows of a shard lie in its file ---------------------------------------------------
@@ -72,16 +73,25 @@ class PatchSet:
     compressed shards); ``"auto"`` uses mmap wherever the layout allows it.
     """
 
-    def __init__(self, index: dict, patients: Iterable[str], max_patches: int = 0, seed: int = 0,
-                 cache_bytes: int = CHUNK_CACHE_BYTES, io: str = "auto"):
+    def __init__(
+        self,
+        index: dict,
+        patients: Iterable[str],
+        max_patches: int = 0,
+        seed: int = 0,
+        cache_bytes: int = CHUNK_CACHE_BYTES,
+        io: str = "auto",
+    ):
         if io not in ("auto", "mmap", "h5py"):
             raise ValueError(f"io must be auto, mmap or h5py, not {io!r}")
         wanted = {str(p) for p in patients}
         known = {str(s["patient_id"]) for s in index["shards"]}
         missing = sorted(wanted - known)
         if missing:
-            raise InputError(index.get("path") or f"cohort index {index.get('cohort')!r}",
-                             f"patients {missing[:5]} have no shard in the index")
+            raise InputError(
+                index.get("path") or f"cohort index {index.get('cohort')!r}",
+                f"patients {missing[:5]} have no shard in the index",
+            )
         self.class_names: list[str] = list(index["class_names"])
         self.shards: list[dict[str, Any]] = [s for s in index["shards"] if str(s["patient_id"]) in wanted]
         self.cache_bytes = int(cache_bytes)
@@ -98,13 +108,16 @@ class PatchSet:
                 self._check_layout(shard["path"], ds, sid)
                 segs = row_segments(ds) if io != "h5py" else None
                 if io == "mmap" and segs is None and ds.shape[0]:
-                    raise InputError(shard["path"], "patches are compressed or chunked across patches; "
-                                                    "cannot memory-map them (use io='auto' or 'h5py')")
+                    raise InputError(
+                        shard["path"],
+                        "patches are compressed or chunked across patches; "
+                        "cannot memory-map them (use io='auto' or 'h5py')",
+                    )
                 lab = h5["labels"][:]
                 coords.append(h5["coords"][:])
             seg_of_row = np.full(len(lab), -1 - sid, dtype=np.int64)  # negative: read through h5py
             for first, n_rows, offset in segs or []:
-                seg_of_row[first:first + n_rows] = len(self.segments)
+                seg_of_row[first : first + n_rows] = len(self.segments)
                 self.segments.append((sid, first, n_rows, offset))
             seg_ids.append(seg_of_row)
             shard_ids.append(np.full(len(lab), sid, dtype=np.int32))
@@ -259,7 +272,7 @@ class PatchSet:
         segs = self.seg_of[idx]
         cuts = (np.flatnonzero(segs[1:] != segs[:-1]) + 1).tolist()
         heads = segs[[0, *cuts]].tolist()
-        if len(set(heads)) == len(heads):                # already grouped: one copy per group
+        if len(set(heads)) == len(heads):  # already grouped: one copy per group
             self._read_groups(idx, heads, cuts, out)
             return out
         order = np.argsort(segs, kind="stable")
@@ -274,8 +287,9 @@ class PatchSet:
         """Permutation of ``idx`` that groups it by storage segment (then row): the fast read order."""
         return np.lexsort((self.row_of[idx], self.shard_of[idx], self.seg_of[idx]))
 
-    def _read_groups(self, idx: np.ndarray, heads: list[int], cuts: list[int], out: np.ndarray,
-                     rows: np.ndarray | None = None) -> None:
+    def _read_groups(
+        self, idx: np.ndarray, heads: list[int], cuts: list[int], out: np.ndarray, rows: np.ndarray | None = None
+    ) -> None:
         """Fill ``out`` from runs of ``idx`` that share a segment (``heads[k]`` for run k);
         ``rows`` = ``seg_row[idx]`` when the caller has it already."""
         self._own_process()
@@ -296,7 +310,7 @@ class PatchSet:
         order = np.argsort(chunks, kind="stable")
         bounds = np.flatnonzero(np.r_[True, chunks[order][1:] != chunks[order][:-1], True])
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            pos = order[lo:hi]                   # output positions served by this chunk
+            pos = order[lo:hi]  # output positions served by this chunk
             first = idx[pos[0]]
             sid, row = int(self.shard_of[first]), int(self.row_of[first])
             block = self._chunk(sid, int(self.chunk_of[first]), row)
@@ -314,7 +328,7 @@ class PatchSet:
         start = (row // size) * size
         stop = min(start + size, ds.shape[0])
         block = self._free_buffer(stop - start)
-        ds.read_direct(block, np.s_[start:stop])       # whole chunk into a reused buffer
+        ds.read_direct(block, np.s_[start:stop])  # whole chunk into a reused buffer
         self.chunk_reads += 1
         self._cache[chunk] = block
         self._cache_used += block.nbytes
@@ -342,7 +356,7 @@ class PatchSet:
         """(positions, patches) in order, for prediction over the whole set (no padding)."""
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
         for lo in range(0, len(idx), batch_size):
-            part = idx[lo:lo + batch_size]
+            part = idx[lo : lo + batch_size]
             yield part, self.read(part)
 
 
@@ -358,12 +372,12 @@ def _stratified_subset(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
     quota = np.floor(exact).astype(np.int64)
     if cap >= len(classes):
         quota = np.maximum(quota, 1)
-    for c in np.argsort(-(exact - quota), kind="stable"):    # largest remainders first
+    for c in np.argsort(-(exact - quota), kind="stable"):  # largest remainders first
         if quota.sum() >= cap:
             break
         if quota[c] < counts[c]:
             quota[c] += 1
-    while quota.sum() > cap:                                  # the ≥ 1 floor overshot: trim the largest
+    while quota.sum() > cap:  # the ≥ 1 floor overshot: trim the largest
         quota[np.argmax(quota)] -= 1
     keep = [rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False) for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(keep))

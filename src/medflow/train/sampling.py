@@ -4,6 +4,7 @@ Class balancing (weighted resampling or dihedral oversampling of minority classe
 interleaving, and chunk-windowed shuffles that keep reads whole-chunk. Pure functions of the
 labels and a seeded generator.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,9 @@ import numpy as np
 from .augment import N_DIHEDRAL
 
 
-def epoch_samples(labels: np.ndarray, rng: np.random.Generator, augment: str, balance: str,
-                  n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def epoch_samples(
+    labels: np.ndarray, rng: np.random.Generator, augment: str, balance: str, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(patch positions, dihedral transform ids) of one epoch before ordering."""
     n = len(labels)
     if balance == "weighted":
@@ -36,8 +38,9 @@ def _random_transforms(rng: np.random.Generator, n: int, augment: str) -> np.nda
     return np.zeros(n, dtype=np.int8)
 
 
-def _dihedral_oversample(labels: np.ndarray, rng: np.random.Generator, augment: str,
-                         n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _dihedral_oversample(
+    labels: np.ndarray, rng: np.random.Generator, augment: str, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Every class up to the majority count (at most 8× its own): the copies of one patch carry
     distinct dihedral transforms (the original keeps the identity unless augment is on)."""
     counts = np.bincount(labels, minlength=n_classes)
@@ -78,6 +81,6 @@ def chunk_order(chunks: np.ndarray, rng: np.random.Generator, window: int) -> np
     """Permutation grouping samples by chunk, chunks in random order, samples shuffled within
     windows of ``window`` consecutive chunks (a shuffle buffer that keeps reads whole-chunk)."""
     uniq, inverse = np.unique(chunks, return_inverse=True)
-    rank_of_chunk = rng.permutation(len(uniq))[inverse]    # random position of each sample's chunk
+    rank_of_chunk = rng.permutation(len(uniq))[inverse]  # random position of each sample's chunk
     window_of = rank_of_chunk // max(window, 1)
     return np.lexsort((rng.random(len(chunks)), window_of))

@@ -6,6 +6,7 @@ ties go to the lowest inner index) is evaluated once on the held-out test patien
 Writes ``record.json`` (last), ``model.pt`` (weights-only export of the selected model) and
 ``predictions.npz`` (y_true, y_prob, coords, image_ids) in ``--out-dir``. One process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,13 @@ def read_candidates(inner_dirs: list[str], study: str, outer: int, metric: str) 
         path = Path(directory) / "record.json"
         rec = fsio.read_json_document(path, "training record")
         if rec.get("job") != "train" or rec.get("status") != "ok":
-            raise InputError(path, f"not a finished training job (job {rec.get('job')!r}, status {rec.get('status')!r})")
+            raise InputError(
+                path, f"not a finished training job (job {rec.get('job')!r}, status {rec.get('status')!r})"
+            )
         if rec.get("study") != study or rec.get("outer") != outer:
-            raise InputError(path, f"record is study {rec.get('study')!r} outer {rec.get('outer')}, "
-                                   f"expected {study!r} outer {outer}")
+            raise InputError(
+                path, f"record is study {rec.get('study')!r} outer {rec.get('outer')}, expected {study!r} outer {outer}"
+            )
         if rec.get("inner") is None:
             raise InputError(path, "a refit job (no inner fold) has no validation metrics to select by")
         value = ((rec.get("metrics") or {}).get("val") or {}).get(metric)
@@ -56,15 +60,18 @@ def read_candidates(inner_dirs: list[str], study: str, outer: int, metric: str) 
 
 def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """Highest value wins; undefined values (None/NaN) lose; ties go to the lowest inner index."""
+
     def key(c: dict[str, Any]) -> tuple[float, int]:
         v = c["value"]
         defined = v is not None and math.isfinite(float(v))
         return (float(v) if defined else -math.inf, -c["inner"])
+
     return max(candidates, key=key)
 
 
-def write_predictions(path: Path, y_true: np.ndarray, y_prob: np.ndarray, coords: np.ndarray,
-                      image_ids: np.ndarray) -> None:
+def write_predictions(
+    path: Path, y_true: np.ndarray, y_prob: np.ndarray, coords: np.ndarray, image_ids: np.ndarray
+) -> None:
     fsio.write_npz(path, y_true=y_true, y_prob=y_prob, coords=coords, image_ids=image_ids.astype(str))
 
 
@@ -94,21 +101,36 @@ def run(args: argparse.Namespace) -> int:
     best = choose(candidates)
     model, meta = models.load_model(Path(best["dir"]) / "model.pt")
     if meta.get("class_names") != index["class_names"]:
-        raise InputError(Path(best["dir"]) / "model.pt",
-                         f"classes {meta.get('class_names')} differ from the index's {index['class_names']}")
+        raise InputError(
+            Path(best["dir"]) / "model.pt",
+            f"classes {meta.get('class_names')} differ from the index's {index['class_names']}",
+        )
     out_dir = Path(args.out_dir)
-    record = JobRecord("select", cfg, (f"studies.{args.study}", "folds"), study=args.study,
-                       cohort=index["cohort"], kind=index["kind"], model=study_cfg["model"]["name"],
-                       outer=args.outer, selected_inner=best["inner"], selection_metric=metric,
-                       candidates=[{"inner": c["inner"], "value": c["value"]} for c in candidates],
-                       test_patients=test_patients)
+    record = JobRecord(
+        "select",
+        cfg,
+        (f"studies.{args.study}", "folds"),
+        study=args.study,
+        cohort=index["cohort"],
+        kind=index["kind"],
+        model=study_cfg["model"]["name"],
+        outer=args.outer,
+        selected_inner=best["inner"],
+        selection_metric=metric,
+        candidates=[{"inner": c["inner"], "value": c["value"]} for c in candidates],
+        test_patients=test_patients,
+    )
     record["timings_s"]["load_args"] = time.perf_counter() - t0
 
     d = dist_mod.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(d.device)
     with record.timed("prepare_test"):
-        test_set = PatchSet(index, test_patients, study_cfg["train"]["max_patches"],
-                            stream_seed(cfg["seed"], args.study, args.outer, "test-set"))
+        test_set = PatchSet(
+            index,
+            test_patients,
+            study_cfg["train"]["max_patches"],
+            stream_seed(cfg["seed"], args.study, args.outer, "test-set"),
+        )
     with record.timed("predict"):
         batch = max(2 * int(study_cfg["train"]["batch_size"]), 64)
         y_true, y_prob, load_s = predict_set(model, test_set, d, batch, gather=False)
@@ -122,9 +144,17 @@ def run(args: argparse.Namespace) -> int:
 
     image_ids = np.array([s["image_id"] for s in test_set.shards] or [""], dtype=object)[test_set.shard_of]
     write_predictions(out_dir / "predictions.npz", y_true, y_prob, test_set.coords, image_ids)
-    models.save_model(out_dir / "model.pt", model,
-                      {**meta, "selected_inner": best["inner"], "selection_metric": metric,
-                       "selection_value": best["value"], "test_oacc": test["oacc"]})
+    models.save_model(
+        out_dir / "model.pt",
+        model,
+        {
+            **meta,
+            "selected_inner": best["inner"],
+            "selection_metric": metric,
+            "selection_value": best["value"],
+            "test_oacc": test["oacc"],
+        },
+    )
     record.finish("ok").save(out_dir / "record.json")
     print(f"select {out_dir}: inner {best['inner']} ({metric} {best['value']}), test oacc {test['oacc']}")
     return 0

@@ -13,6 +13,7 @@ Both start from a seeded greedy assignment (largest patients first) and improve 
 search (moves and swaps of patients between folds). The achieved shares and their deviation from
 the target are written into the plan. Same seed and index → byte-identical plan.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,7 @@ def patient_counts(index: dict) -> tuple[list[str], np.ndarray, list[str]]:
 def index_digest(index: dict) -> str:
     """Hash of what the plan depends on: patients, their images and patch counts per class
     (not shard checksums: re-extracting identical patches must not invalidate a plan)."""
-    rows = sorted((str(s["patient_id"]), str(s["image_id"]), sorted(s["counts"].items()))
-                  for s in index["shards"])
+    rows = sorted((str(s["patient_id"]), str(s["image_id"]), sorted(s["counts"].items())) for s in index["shards"])
     return hashlib.sha256(config_mod.canonical_json(rows).encode()).hexdigest()[:16]
 
 
@@ -104,8 +104,9 @@ def assign_groups(counts: np.ndarray, k: int, balance: str, seed: int) -> np.nda
     return _local_search(fold, fold_share, obj, rng)
 
 
-def _local_search(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective,
-                  rng: np.random.Generator, max_passes: int = 50) -> np.ndarray:
+def _local_search(
+    fold: np.ndarray, fold_share: np.ndarray, obj: _Objective, rng: np.random.Generator, max_passes: int = 50
+) -> np.ndarray:
     """Improve by single-patient moves and pairwise swaps until no step lowers the objective."""
     n = len(fold)
     eps = 1e-12
@@ -116,8 +117,7 @@ def _local_search(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective,
             if np.sum(fold == src) <= 1:
                 continue  # keep every fold non-empty
             base = obj.fold_cost(fold_share[src]) + obj.fold_cost(fold_share)
-            gain = (base - obj.fold_cost(fold_share[src] - obj.share[p])
-                    - obj.fold_cost(fold_share + obj.share[p]))
+            gain = base - obj.fold_cost(fold_share[src] - obj.share[p]) - obj.fold_cost(fold_share + obj.share[p])
             gain[src] = 0.0
             dst = int(np.argmax(gain))
             if gain[dst] > eps:
@@ -132,8 +132,7 @@ def _local_search(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective,
     return fold
 
 
-def _swap_pass(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective,
-               rng: np.random.Generator, eps: float) -> bool:
+def _swap_pass(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective, rng: np.random.Generator, eps: float) -> bool:
     improved = False
     for p in rng.permutation(len(fold)):
         a = fold[p]
@@ -141,7 +140,7 @@ def _swap_pass(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective,
         if not len(others):
             continue
         b = fold[others]
-        diff = obj.share[others] - obj.share[p]          # what fold a gains, fold b loses
+        diff = obj.share[others] - obj.share[p]  # what fold a gains, fold b loses
         before = obj.fold_cost(fold_share[a]) + obj.fold_cost(fold_share[b])
         after = obj.fold_cost(fold_share[a] + diff) + obj.fold_cost(fold_share[b] - diff)
         gain = before - after
@@ -156,8 +155,9 @@ def _swap_pass(fold: np.ndarray, fold_share: np.ndarray, obj: _Objective,
 
 
 # ---- shares and deviation ---------------------------------------------------------------------
-def shares(members: Sequence[str], pool: Sequence[str], table: dict[str, np.ndarray],
-           class_names: Sequence[str]) -> dict[str, Any]:
+def shares(
+    members: Sequence[str], pool: Sequence[str], table: dict[str, np.ndarray], class_names: Sequence[str]
+) -> dict[str, Any]:
     """Share of the pool's patches, patients and per-label patches that ``members`` hold."""
     pool_counts = np.sum([table[p] for p in pool], axis=0) if pool else np.zeros(len(class_names))
     mem_counts = np.sum([table[p] for p in members], axis=0) if members else np.zeros(len(class_names))
@@ -165,29 +165,40 @@ def shares(members: Sequence[str], pool: Sequence[str], table: dict[str, np.ndar
     return {
         "patients": len(members) / len(pool) if pool else 0.0,
         "patches": float(mem_counts.sum()) / total if total else 0.0,
-        "labels": {c: (float(mem_counts[i]) / float(pool_counts[i]) if pool_counts[i] else None)
-                   for i, c in enumerate(class_names)},
+        "labels": {
+            c: (float(mem_counts[i]) / float(pool_counts[i]) if pool_counts[i] else None)
+            for i, c in enumerate(class_names)
+        },
         "n_patients": len(members),
         "n_patches": int(mem_counts.sum()),
     }
 
 
 def _deviation(share: dict[str, Any], target: float) -> dict[str, Any]:
-    return {"patients": round(share["patients"] - target, 6), "patches": round(share["patches"] - target, 6),
-            "labels": {c: (None if v is None else round(v - target, 6)) for c, v in share["labels"].items()}}
+    return {
+        "patients": round(share["patients"] - target, 6),
+        "patches": round(share["patches"] - target, 6),
+        "labels": {c: (None if v is None else round(v - target, 6)) for c, v in share["labels"].items()},
+    }
 
 
 def _max_abs(devs: Iterable[dict[str, Any]]) -> dict[str, float]:
     devs = list(devs)
     label_vals = [abs(v) for d in devs for v in d["labels"].values() if v is not None]
-    return {"patients": max((abs(d["patients"]) for d in devs), default=0.0),
-            "patches": max((abs(d["patches"]) for d in devs), default=0.0),
-            "labels": max(label_vals, default=0.0)}
+    return {
+        "patients": max((abs(d["patients"]) for d in devs), default=0.0),
+        "patches": max((abs(d["patches"]) for d in devs), default=0.0),
+        "labels": max(label_vals, default=0.0),
+    }
 
 
 def _round_shares(s: dict[str, Any]) -> dict[str, Any]:
-    return {**s, "patients": round(s["patients"], 6), "patches": round(s["patches"], 6),
-            "labels": {c: (None if v is None else round(v, 6)) for c, v in s["labels"].items()}}
+    return {
+        **s,
+        "patients": round(s["patients"], 6),
+        "patches": round(s["patches"], 6),
+        "labels": {c: (None if v is None else round(v, 6)) for c, v in s["labels"].items()},
+    }
 
 
 # ---- plan -------------------------------------------------------------------------------------
@@ -206,8 +217,9 @@ def make_plan(index: dict, cfg: dict, study: str, source: str | Path | None = No
     where = source if source is not None else f"cohort index {index.get('cohort')!r}"
     study_cfg = cfg.get("studies", {}).get(study)
     if study_cfg and study_cfg.get("cohort") not in (None, index.get("cohort")):
-        raise InputError(where, f"study {study!r} uses cohort {study_cfg['cohort']!r}, "
-                                f"the index is cohort {index.get('cohort')!r}")
+        raise InputError(
+            where, f"study {study!r} uses cohort {study_cfg['cohort']!r}, the index is cohort {index.get('cohort')!r}"
+        )
 
     patients, counts, class_names = patient_counts(index)
     table = dict(zip(patients, counts))
@@ -219,14 +231,20 @@ def make_plan(index: dict, cfg: dict, study: str, source: str | Path | None = No
         outer_test = [[p] for p in patients]
     else:
         if n < k_outer:
-            raise InputError(where, f"{n} patients cannot fill {k_outer} outer folds "
-                                    f"(folds.outer = {k_outer}; lower it or use more patients)")
+            raise InputError(
+                where,
+                f"{n} patients cannot fill {k_outer} outer folds "
+                f"(folds.outer = {k_outer}; lower it or use more patients)",
+            )
         outer_test = _split(patients, counts, k_outer, balance, stream_seed(seed, study, "outer"))
     # Every outer training set must hold enough patients for the inner folds.
     min_train = n - max(len(t) for t in outer_test)
     if min_train < k_inner:
-        raise InputError(where, f"an outer training set has {min_train} patients, too few for "
-                                f"{k_inner} inner folds (folds.inner = {k_inner})")
+        raise InputError(
+            where,
+            f"an outer training set has {min_train} patients, too few for "
+            f"{k_inner} inner folds (folds.inner = {k_inner})",
+        )
 
     outer: list[dict[str, Any]] = []
     for i, test in enumerate(outer_test):
@@ -237,26 +255,49 @@ def make_plan(index: dict, cfg: dict, study: str, source: str | Path | None = No
         inner: list[dict[str, Any]] = []
         for j, val in enumerate(inner_val):
             val_set = set(val)
-            inner.append({"index": j, "train_patients": [p for p in train if p not in val_set],
-                          "val_patients": val,
-                          "shares": _round_shares(shares(val, train, table, class_names))})
-        outer.append({"index": i, "test_patients": sorted(test), "train_patients": train, "inner": inner,
-                      "shares": _round_shares(shares(test, patients, table, class_names))})
+            inner.append(
+                {
+                    "index": j,
+                    "train_patients": [p for p in train if p not in val_set],
+                    "val_patients": val,
+                    "shares": _round_shares(shares(val, train, table, class_names)),
+                }
+            )
+        outer.append(
+            {
+                "index": i,
+                "test_patients": sorted(test),
+                "train_patients": train,
+                "inner": inner,
+                "shares": _round_shares(shares(test, patients, table, class_names)),
+            }
+        )
 
     target_outer = 1.0 / k_outer
     target_inner = 1.0 / k_inner
     outer_dev = [_deviation(o["shares"], target_outer) for o in outer]
     inner_dev = [[_deviation(f["shares"], target_inner) for f in o["inner"]] for o in outer]
     plan = {
-        "format": PLAN_FORMAT, "study": study, "cohort": index.get("cohort"), "seed": seed,
-        "strategy": strategy, "balance": balance, "k_outer": k_outer, "k_inner": k_inner,
-        "class_names": class_names, "patients": patients,
+        "format": PLAN_FORMAT,
+        "study": study,
+        "cohort": index.get("cohort"),
+        "seed": seed,
+        "strategy": strategy,
+        "balance": balance,
+        "k_outer": k_outer,
+        "k_inner": k_inner,
+        "class_names": class_names,
+        "patients": patients,
         "patient_patches": {p: {c: int(v) for c, v in zip(class_names, table[p])} for p in patients},
         "outer": outer,
-        "deviation": {"target_outer": round(target_outer, 6), "target_inner": round(target_inner, 6),
-                      "outer": outer_dev, "inner": inner_dev,
-                      "max_abs_outer": _max_abs(outer_dev),
-                      "max_abs_inner": _max_abs(d for fold in inner_dev for d in fold)},
+        "deviation": {
+            "target_outer": round(target_outer, 6),
+            "target_inner": round(target_inner, 6),
+            "outer": outer_dev,
+            "inner": inner_dev,
+            "max_abs_outer": _max_abs(outer_dev),
+            "max_abs_inner": _max_abs(d for fold in inner_dev for d in fold),
+        },
         "index_digest": index_digest(index),
         "config_hash": config_mod.section_hash(cfg, "folds"),
     }
@@ -277,8 +318,10 @@ def check_plan(plan: dict, source: str | Path | None) -> None:
             if test | train != everyone:
                 raise InputError(source, f"outer {o['index']}: test ∪ train is not the cohort's patients")
             if test & seen_test:
-                raise InputError(source, f"outer {o['index']}: test patients {sorted(test & seen_test)} "
-                                         "are in another outer test fold")
+                raise InputError(
+                    source,
+                    f"outer {o['index']}: test patients {sorted(test & seen_test)} are in another outer test fold",
+                )
             seen_test |= test
             seen_val: set[str] = set()
             for f in o["inner"]:
@@ -317,9 +360,12 @@ def check_index(plan: dict, index: dict, source: str | Path | None = None) -> No
     counts): a stale plan would silently train on splits of another cohort state."""
     if plan.get("index_digest") != index_digest(index):
         where = source if source is not None else f"cohort index {index.get('cohort')!r}"
-        raise InputError(where, f"the fold plan of study {plan.get('study')!r} was made from a different "
-                                f"cohort index (digest {plan.get('index_digest')} ≠ {index_digest(index)}); "
-                                "rerun plan-folds")
+        raise InputError(
+            where,
+            f"the fold plan of study {plan.get('study')!r} was made from a different "
+            f"cohort index (digest {plan.get('index_digest')} ≠ {index_digest(index)}); "
+            "rerun plan-folds",
+        )
 
 
 def fold_patients(plan: dict, outer: int, inner: int | None) -> dict[str, list[str]]:
@@ -337,9 +383,11 @@ def fold_patients(plan: dict, outer: int, inner: int | None) -> dict[str, list[s
 
 def summary_line(plan: dict) -> str:
     dev = plan["deviation"]["max_abs_outer"]
-    return (f"{plan['strategy']} {plan['k_outer']}×{plan['k_inner']} ({plan['balance']}) over "
-            f"{len(plan['patients'])} patients; max |share − 1/k| outer: patches {dev['patches']:.3f}, "
-            f"patients {dev['patients']:.3f}, labels {dev['labels']:.3f}")
+    return (
+        f"{plan['strategy']} {plan['k_outer']}×{plan['k_inner']} ({plan['balance']}) over "
+        f"{len(plan['patients'])} patients; max |share − 1/k| outer: patches {dev['patches']:.3f}, "
+        f"patients {dev['patients']:.3f}, labels {dev['labels']:.3f}"
+    )
 
 
 # ---- CLI: medflow plan-folds ------------------------------------------------------------------

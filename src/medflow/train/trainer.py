@@ -1,4 +1,5 @@
 """One epoch of data-parallel training (`Trainer`) and the epoch-end BatchNorm recalibration."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,14 +17,14 @@ from .optim import lr_at
 
 @dataclass
 class Trainer:
-    model: nn.Module           # possibly DDP-wrapped
+    model: nn.Module  # possibly DDP-wrapped
     optimizer: torch.optim.Optimizer
     criterion: nn.Module
     d: Dist
     train_cfg: dict
     peak_lr: float
     base_lr: float
-    scaler: Any = None         # torch.amp.GradScaler on CUDA with AMP
+    scaler: Any = None  # torch.amp.GradScaler on CUDA with AMP
 
     @property
     def amp(self) -> bool:
@@ -70,8 +71,9 @@ class Trainer:
                 loss = models.loss_of(out, y, self.criterion)
             self.step(loss)
             logits = models.logits_of(out).detach()
-            totals += torch.tensor([float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum()), len(y)],
-                                   dtype=torch.float64)
+            totals += torch.tensor(
+                [float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum()), len(y)], dtype=torch.float64
+            )
         loss_n, correct, n = self.d.allreduce_sum(totals).tolist()
         return {"loss": loss_n / max(n, 1), "acc": correct / max(n, 1), "patches": int(n), "lr": lr}
 
@@ -88,8 +90,11 @@ def recalibrate_batchnorm(model: nn.Module, loader: EpochLoader, d: Dist, max_pa
     """
     net = models.unwrap(model)
     net.train()
-    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-              and m.track_running_stats]
+    layers = [
+        m
+        for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     if not layers or max_patches <= 0 or len(loader) == 0:
         return 0
     momenta = [m.momentum for m in layers]

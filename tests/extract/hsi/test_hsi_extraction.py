@@ -1,4 +1,5 @@
 """HSI chain steps against hand-computed values, patch extraction, the extract-hsi job, bad input, SalinasA."""
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,21 @@ def tiny(default_cfg: dict, tmp_path: Path) -> tuple[dict, Path]:
 
 
 def extract(cfg_path: Path, out_dir: Path, image_id: str = "img0", cohort: str = "tiny") -> int:
-    return cli.main(["extract-hsi", "--config", str(cfg_path), "--cohort", cohort, "--image-id", image_id,
-                     "--out", str(out_dir / f"{image_id}.h5"), "--record", str(out_dir / f"{image_id}.record.json")])
+    return cli.main(
+        [
+            "extract-hsi",
+            "--config",
+            str(cfg_path),
+            "--cohort",
+            cohort,
+            "--image-id",
+            image_id,
+            "--out",
+            str(out_dir / f"{image_id}.h5"),
+            "--record",
+            str(out_dir / f"{image_id}.record.json"),
+        ]
+    )
 
 
 # ---- chain steps vs hand-computed values ------------------------------------------------------------------
@@ -68,7 +82,7 @@ def test_demosaic_5x5_matches_strided_definition() -> None:
     order = list(np.random.default_rng(3).permutation(25))
     cube = hsi.demosaic(mosaic, 5, order)
     for b, p in enumerate(order):
-        np.testing.assert_array_equal(cube[:, :, b], mosaic[p // 5::5, p % 5::5])
+        np.testing.assert_array_equal(cube[:, :, b], mosaic[p // 5 :: 5, p % 5 :: 5])
     with pytest.raises(ValueError, match="not a multiple"):
         hsi.demosaic(mosaic[:, :14], 5)
     with pytest.raises(ValueError, match="distinct"):
@@ -83,7 +97,7 @@ def test_active_area_offset_and_crop() -> None:
     # cube[r, c, b] = mosaic[1 + 2r + b//2, 2 + 2c + b%2]
     assert cube[0, 0, 0] == mosaic[1, 2] == 11
     assert cube[1, 2, 3] == mosaic[1 + 2 + 1, 2 + 4 + 1] == 43
-    assert hsi.active_area(mosaic, (1, 2), (0, 0)).shape == (6, 7)      # 0 = to the end
+    assert hsi.active_area(mosaic, (1, 2), (0, 0)).shape == (6, 7)  # 0 = to the end
     with pytest.raises(ValueError, match="exceeds"):
         hsi.active_area(mosaic, (4, 0), (4, 0))
 
@@ -106,13 +120,15 @@ def test_normalise_rms_one_and_zero_guard() -> None:
     big = np.random.default_rng(4).random((20, 30, 25)).astype(np.float32) * 100
     out, zero = hsi.normalise(big)
     assert zero == 0
-    np.testing.assert_allclose(np.sqrt((out ** 2).mean(axis=-1)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt((out**2).mean(axis=-1)), 1.0, rtol=1e-5)
 
 
 def test_map_labels_default_and_class_map() -> None:
     gt = np.array([[0, 1, 5], [2, 0, 3]])
     np.testing.assert_array_equal(hsi_patches.map_labels(gt, {}, 5, "gt"), [[-1, 0, 4], [1, -1, 2]])
-    np.testing.assert_array_equal(hsi_patches.map_labels(gt, {"5": 0, "2": 1, "3": -1}, 2, "gt"), [[-1, -1, 0], [1, -1, -1]])
+    np.testing.assert_array_equal(
+        hsi_patches.map_labels(gt, {"5": 0, "2": 1, "3": -1}, 2, "gt"), [[-1, -1, 0], [1, -1, -1]]
+    )
     with pytest.raises(InputError, match=r"\[5\]") as err:
         hsi_patches.map_labels(gt, {}, 4, "gt.png")
     assert err.value.path == "gt.png"
@@ -120,16 +136,16 @@ def test_map_labels_default_and_class_map() -> None:
 
 def test_select_pixels_border_and_stratified_subsample() -> None:
     labels = np.full((10, 12), -1)
-    labels[0, :] = 0                      # a whole border row of class 0
-    labels[3:8, 3:9] = 1                  # 30 interior pixels of class 1
+    labels[0, :] = 0  # a whole border row of class 0
+    labels[3:8, 3:9] = 1  # 30 interior pixels of class 1
     rows, cols = hsi_patches.select_pixels(labels, 3, "reflect", 0, np.random.default_rng(0))
     assert len(rows) == 12 + 30
-    assert np.all(np.diff(rows * 12 + cols) > 0)                    # raster order
+    assert np.all(np.diff(rows * 12 + cols) > 0)  # raster order
     rows, cols = hsi_patches.select_pixels(labels, 3, "skip", 0, np.random.default_rng(0))
     assert len(rows) == 30 and rows.min() >= 1
     picks = [hsi_patches.select_pixels(labels, 3, "reflect", 5, np.random.default_rng(s)) for s in (7, 7, 8)]
     assert np.bincount(labels[picks[0]]).tolist() == [5, 5]
-    np.testing.assert_array_equal(picks[0][0], picks[1][0])        # same seed → same subsample
+    np.testing.assert_array_equal(picks[0][0], picks[1][0])  # same seed → same subsample
     assert not np.array_equal(picks[0][0] * 12 + picks[0][1], picks[2][0] * 12 + picks[2][1])
 
 
@@ -140,7 +156,7 @@ def test_extract_patches_equal_reflect_padded_windows() -> None:
     patches = hsi_patches.extract_patches(cube, rows, cols, 5)
     assert patches.shape == (5, 5, 5, 4)
     for p, r, c in zip(patches, rows, cols):
-        np.testing.assert_array_equal(p, padded[r:r + 5, c:c + 5])
+        np.testing.assert_array_equal(p, padded[r : r + 5, c : c + 5])
     inner = hsi_patches.extract_patches(cube, np.array([4]), np.array([5]), 5)  # interior only: no padding path
     np.testing.assert_array_equal(inner[0], cube[2:7, 3:8])
 
@@ -148,11 +164,11 @@ def test_extract_patches_equal_reflect_padded_windows() -> None:
 def test_blocked_chain_equals_whole_frame_steps(default_cfg: dict) -> None:
     """chain_cube (block by block) = the four step functions applied to the whole frame."""
     rng = np.random.default_rng(9)
-    rows, cols = 5 * 21 + 3, 5 * 13 + 4                  # 21 cube rows: not a multiple of the block
+    rows, cols = 5 * 21 + 3, 5 * 13 + 4  # 21 cube rows: not a multiple of the block
     raw = rng.integers(100, 900, (rows, cols)).astype(np.uint16)
     dark = rng.integers(50, 60, (rows, cols)).astype(np.uint16)
     white = dark + rng.integers(900, 1000, (rows, cols)).astype(np.uint16)
-    white[10, 10] = dark[10, 10]                          # one dead pixel
+    white[10, 10] = dark[10, 10]  # one dead pixel
     matrix = (np.eye(25) + rng.normal(0, 0.05, (25, 25))).astype(np.float32)
     order = list(rng.permutation(25))
     hcfg = copy.deepcopy(default_cfg["hsi"])
@@ -178,9 +194,14 @@ def test_extract_hsi_shard_record_and_index(tiny: tuple[dict, Path], tmp_path: P
     assert set(record["timings_s"]) == set(hsi_job.TIMING_KEYS)
     assert {"s_per_patch", "patches_per_s", "s_per_image", "bytes_written"} <= set(record["throughput"])
     assert record["counts"] == {"healthy": 10, "tumour": 10, "venous": 10, "arterial": 10, "dura": 10}
-    entry = ImageEntry(image_id="img0", patient_id="pat0", image=str(tmp_path / "data/img0/raw.npy"),
-                       annotation=str(tmp_path / "data/img0/gt.png"), white=str(tmp_path / "data/img0/white.npy"),
-                       dark=str(tmp_path / "data/img0/dark.npy"))
+    entry = ImageEntry(
+        image_id="img0",
+        patient_id="pat0",
+        image=str(tmp_path / "data/img0/raw.npy"),
+        annotation=str(tmp_path / "data/img0/gt.png"),
+        white=str(tmp_path / "data/img0/white.npy"),
+        dark=str(tmp_path / "data/img0/dark.npy"),
+    )
     cube, labels, _ = hsi.process_image(entry, cfg)
     assert cube.shape == (12, 14, 25)
     with h5py.File(shard) as h5:
@@ -193,7 +214,7 @@ def test_extract_hsi_shard_record_and_index(tiny: tuple[dict, Path], tmp_path: P
     assert set(attrs["timings_s"]) >= {"load", "calibrate", "demosaic", "correct", "normalise", "patches"}
     padded = np.pad(cube, ((1, 1), (1, 1), (0, 0)), mode="reflect")
     for p, (r, c), label in zip(patches, coords, stored):
-        np.testing.assert_array_equal(p, padded[r:r + 3, c:c + 3])
+        np.testing.assert_array_equal(p, padded[r : r + 3, c : c + 3])
         assert labels[r, c] == label
     # the labelled reflectance survives calibration: normalised spectra have RMS 1
     np.testing.assert_allclose(np.sqrt((patches[:, 1, 1] ** 2).mean(axis=-1)), 1.0, rtol=1e-5)
@@ -205,12 +226,18 @@ def test_extract_hsi_chain_matches_hand_calibration(tiny: tuple[dict, Path], tmp
     cfg, _ = tiny
     cfg["hsi"]["chain"].update(normalise=False)
     d = tmp_path / "data" / "img1"
-    entry = ImageEntry(image_id="img1", patient_id="pat1", image=str(d / "raw.npy"), annotation=str(d / "gt.png"),
-                       white=str(d / "white.npy"), dark=str(d / "dark.npy"))
+    entry = ImageEntry(
+        image_id="img1",
+        patient_id="pat1",
+        image=str(d / "raw.npy"),
+        annotation=str(d / "gt.png"),
+        white=str(d / "white.npy"),
+        dark=str(d / "dark.npy"),
+    )
     cube, _, timings = hsi.process_image(entry, cfg)
     raw, white, dark = (np.load(d / f"{n}.npy").astype(np.float64) for n in ("raw", "white", "dark"))
     expected = (raw - dark) / (white - dark)
-    np.testing.assert_allclose(cube[3, 4, 7], expected[3 * 5 + 1, 4 * 5 + 2], rtol=1e-6)   # band 7 = tile (1, 2)
+    np.testing.assert_allclose(cube[3, 4, 7], expected[3 * 5 + 1, 4 * 5 + 2], rtol=1e-6)  # band 7 = tile (1, 2)
     assert set(timings) >= {"load", "calibrate", "demosaic", "correct", "normalise"}
 
 
@@ -241,7 +268,7 @@ def test_stratified_subsample_and_float16(tiny: tuple[dict, Path], tmp_path: Pat
         first = h5["coords"][:]
     assert extract(cfg_path, tmp_path / "t") == 0
     with h5py.File(tmp_path / "t" / "img0.h5") as h5:
-        np.testing.assert_array_equal(h5["coords"][:], first)            # seeded
+        np.testing.assert_array_equal(h5["coords"][:], first)  # seeded
 
 
 def _assert_nothing_written(out: Path) -> None:
@@ -262,12 +289,17 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_exits_2_naming_the_file(case: str, tiny: tuple[dict, Path], tmp_path: Path,
-                                           capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_exits_2_naming_the_file(
+    case: str, tiny: tuple[dict, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg, cfg_path = tiny
     d = tmp_path / "data" / "img0"
-    named = {"image": d / "raw.npy", "annotation": d / "gt.png", "white": d / "white.npy",
-             "correction": tmp_path / "m.csv"}[BAD_INPUTS[case]]
+    named = {
+        "image": d / "raw.npy",
+        "annotation": d / "gt.png",
+        "white": d / "white.npy",
+        "correction": tmp_path / "m.csv",
+    }[BAD_INPUTS[case]]
     if case == "matrix size":
         np.savetxt(named, np.eye(24), delimiter=",")
         cfg["hsi"]["correction_matrix"] = str(named)
@@ -288,8 +320,13 @@ def test_bad_input_exits_2_naming_the_file(case: str, tiny: tuple[dict, Path], t
     elif case == "no references":
         manifest = Path(cfg["cohorts"]["tiny"]["manifest"])
         lines = manifest.read_text().splitlines()
-        manifest.write_text("\n".join([lines[0]] + [",".join(f if i not in (4, 5) else "" for i, f in
-                                                             enumerate(line.split(","))) for line in lines[1:]]) + "\n")
+        manifest.write_text(
+            "\n".join(
+                [lines[0]]
+                + [",".join(f if i not in (4, 5) else "" for i, f in enumerate(line.split(","))) for line in lines[1:]]
+            )
+            + "\n"
+        )
     write_config(cfg, cfg_path)
     out = tmp_path / "shards"
     assert extract(cfg_path, out) == 2
@@ -313,8 +350,11 @@ def test_on_error_skip_writes_failed_record(tiny: tuple[dict, Path], tmp_path: P
 
 def test_config_checks(tiny: tuple[dict, Path]) -> None:
     cfg, _ = tiny
-    for key, value, match in (("patch", 4, "odd"), ("class_map", {"x": 1}, "not an integer"),
-                              ("class_map", {"3": 9}, "not a class id")):
+    for key, value, match in (
+        ("patch", 4, "odd"),
+        ("class_map", {"x": 1}, "not an integer"),
+        ("class_map", {"3": 9}, "not a class id"),
+    ):
         bad = copy.deepcopy(cfg)
         bad["hsi"][key] = value
         with pytest.raises(InputError, match=match):
@@ -332,13 +372,17 @@ def test_envi_cube_input_skips_calibration(tiny: tuple[dict, Path], tmp_path: Pa
     write_envi(tmp_path / "c.hdr", cube, interleave="bil", wavelengths=[400, 450, 500, 550, 600, 650])
     Image.fromarray(np.ones((8, 9), np.uint8)).save(tmp_path / "c_gt.png")
     cfg["hsi"]["chain"]["normalise"] = False
-    entry = ImageEntry(image_id="c", patient_id="p", image=str(tmp_path / "c.hdr"), annotation=str(tmp_path / "c_gt.png"))
+    entry = ImageEntry(
+        image_id="c", patient_id="p", image=str(tmp_path / "c.hdr"), annotation=str(tmp_path / "c_gt.png")
+    )
     result = hsi.run_chain(entry, cfg)
     np.testing.assert_array_equal(result.cube, cube)
     assert not result.chain["calibrate"] and not result.chain["demosaic"]
     assert result.wavelengths == [400, 450, 500, 550, 600, 650]
     record = hsi_job.extract_image(entry, cfg, "c", tmp_path / "o" / "c.h5", tmp_path / "o" / "c.record.json")
-    assert record["n_patches"] == 72 and "image_data" in read_attrs(h5py.File(tmp_path / "o" / "c.h5"))["inputs"]["files"]
+    assert (
+        record["n_patches"] == 72 and "image_data" in read_attrs(h5py.File(tmp_path / "o" / "c.h5"))["inputs"]["files"]
+    )
 
 
 # ---- real data: SalinasA (AVIRIS, 83×86×204) --------------------------------------------------------------
@@ -357,7 +401,7 @@ def test_salinas_shard_equals_cube_windows(shared_data: Path, default_cfg: dict,
     assert patches.shape == (int((gt > 0).sum()), 7, 7, 204) and attrs["bands"] == 204
     for i in np.random.default_rng(0).choice(len(patches), 200, replace=False):
         r, c = coords[i]
-        np.testing.assert_array_equal(patches[i], padded[r:r + 7, c:c + 7])
+        np.testing.assert_array_equal(patches[i], padded[r : r + 7, c : c + 7])
         assert SALINAS_VALUES[labels[i]] == gt[r, c]
     record = json.loads((out / "salinasA.record.json").read_text())
     assert record["counts"] == {f"c{v}": int((gt == v).sum()) for v in SALINAS_VALUES}
@@ -367,9 +411,12 @@ def test_salinas_shard_equals_cube_windows(shared_data: Path, default_cfg: dict,
 def test_salinas_normalised_rms(shared_data: Path, default_cfg: dict, tmp_path: Path) -> None:
     cfg = salinas_cfg(default_cfg, shared_data, tmp_path)
     cfg["hsi"]["chain"]["normalise"] = True
-    entry = ImageEntry(image_id="salinasA", patient_id="salinas",
-                       image=str(shared_data / "salinasA" / "SalinasA_corrected.mat"),
-                       annotation=str(shared_data / "salinasA" / "SalinasA_gt.mat"))
+    entry = ImageEntry(
+        image_id="salinasA",
+        patient_id="salinas",
+        image=str(shared_data / "salinasA" / "SalinasA_corrected.mat"),
+        annotation=str(shared_data / "salinasA" / "SalinasA_gt.mat"),
+    )
     cube, labels, timings = hsi.process_image(entry, cfg)
     rms = np.sqrt((cube.astype(np.float64) ** 2).mean(axis=-1))
     nonzero = rms > 0

@@ -1,4 +1,5 @@
 """HSI readers: ENVI, MATLAB v5 / v7.3, .npy, TIFF, PNG ground truth, correction matrices, references."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,11 +35,14 @@ def test_envi_round_trip(tmp_path: Path, cube: np.ndarray, interleave: str, byte
 def test_envi_header_details(tmp_path: Path, cube: np.ndarray) -> None:
     # Multi-line brace values, micrometre wavelengths, a header offset and an .img data file.
     offset = 16
-    (tmp_path / "c.img").write_bytes(b"\0" * offset + np.ascontiguousarray(cube.transpose(2, 0, 1)).astype("<i2").tobytes())
+    (tmp_path / "c.img").write_bytes(
+        b"\0" * offset + np.ascontiguousarray(cube.transpose(2, 0, 1)).astype("<i2").tobytes()
+    )
     (tmp_path / "c.hdr").write_text(
         "ENVI\ndescription = {a cube\n  over two lines}\nsamples = 7\nlines = 6\nbands = 5\n"
         f"header offset = {offset}\ndata type = 2\ninterleave = bsq\nbyte order = 0\n"
-        "wavelength units = Micrometers\nwavelength = {0.5, 0.6,\n 0.7, 0.8, 0.9}\n")
+        "wavelength units = Micrometers\nwavelength = {0.5, 0.6,\n 0.7, 0.8, 0.9}\n"
+    )
     data, wavelengths = hsi_io.read_envi(tmp_path / "c.hdr")
     np.testing.assert_array_equal(data, cube)
     np.testing.assert_allclose(wavelengths, [500, 600, 700, 800, 900])
@@ -135,7 +139,7 @@ def test_correction_matrix_formats(tmp_path: Path) -> None:
     m = np.arange(9, dtype=np.float64).reshape(3, 3) / 7
     np.save(tmp_path / "m.npy", m)
     np.savetxt(tmp_path / "m.csv", m, delimiter=",")
-    np.savetxt(tmp_path / "w.csv", m)          # whitespace-separated also accepted
+    np.savetxt(tmp_path / "w.csv", m)  # whitespace-separated also accepted
     for name in ("m.npy", "m.csv", "w.csv"):
         out = hsi_io.read_matrix(tmp_path / name)
         assert out.dtype == np.float32

@@ -1,4 +1,5 @@
 """ASAP XML / GeoJSON parsing and rasterisation (medflow.annotations)."""
+
 from __future__ import annotations
 
 import json
@@ -56,11 +57,17 @@ def test_asap_vertices_follow_the_order_attribute(tmp_path: Path) -> None:
 def test_geojson_multipolygon_with_holes_rasterises_like_point_in_polygon(tmp_path: Path) -> None:
     donut = [_circle(400, 400, 300), _circle(400, 400, 120)]
     square = [[[800, 100], [1000, 100], [1000, 300], [800, 300], [800, 100]]]
-    doc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [donut, square]},
-         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
-    ]}
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "MultiPolygon", "coordinates": [donut, square]},
+                "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+            },
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
+        ],
+    }
     path = tmp_path / "qupath.geojson"
     path.write_text(json.dumps(doc))
     polygons = ann.load(path)
@@ -75,8 +82,8 @@ def test_geojson_multipolygon_with_holes_rasterises_like_point_in_polygon(tmp_pa
     for poly in polygons:
         expected |= _inside(poly, centres)
     expected = expected.reshape(mask.shape)
-    assert not mask[40, 40]                                       # centre of the hole
-    assert mask[40, 40 + 20] and mask[20, 90]                     # ring and square
+    assert not mask[40, 40]  # centre of the hole
+    assert mask[40, 40 + 20] and mask[20, 90]  # ring and square
     disagree = (mask != expected).mean()
     assert disagree < 0.002, f"{disagree:.3%} of cells disagree with point-in-polygon"
 
@@ -88,17 +95,23 @@ def test_exclusion_groups_are_subtracted(tmp_path: Path) -> None:
     assert mask[:, :4].all() and not mask[:, 6:].any()
 
 
-@pytest.mark.parametrize("name,text,problem", [
-    ("bad.xml", "<ASAP_Annotations><Annotations><Annotation>", "malformed ASAP XML"),
-    ("other.xml", "<svg></svg>", "not an ASAP annotation file"),
-    ("nan.xml", '<ASAP_Annotations><Annotations><Annotation Type="Polygon"><Coordinates>'
-                '<Coordinate Order="0" X="a" Y="1"/></Coordinates></Annotation></Annotations></ASAP_Annotations>',
-     "numeric"),
-    ("bad.geojson", '{"type": "FeatureCollection", "features": [', "malformed GeoJSON"),
-    ("ring.geojson", '{"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}', "≥ 3 finite vertices"),
-    ("kind.json", '{"type": "Feature", "geometry": {"type": "Circle", "coordinates": [0, 0]}}', "unknown geometry"),
-    ("notes.txt", "hello", "unknown annotation format"),
-])
+@pytest.mark.parametrize(
+    "name,text,problem",
+    [
+        ("bad.xml", "<ASAP_Annotations><Annotations><Annotation>", "malformed ASAP XML"),
+        ("other.xml", "<svg></svg>", "not an ASAP annotation file"),
+        (
+            "nan.xml",
+            '<ASAP_Annotations><Annotations><Annotation Type="Polygon"><Coordinates>'
+            '<Coordinate Order="0" X="a" Y="1"/></Coordinates></Annotation></Annotations></ASAP_Annotations>',
+            "numeric",
+        ),
+        ("bad.geojson", '{"type": "FeatureCollection", "features": [', "malformed GeoJSON"),
+        ("ring.geojson", '{"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}', "≥ 3 finite vertices"),
+        ("kind.json", '{"type": "Feature", "geometry": {"type": "Circle", "coordinates": [0, 0]}}', "unknown geometry"),
+        ("notes.txt", "hello", "unknown annotation format"),
+    ],
+)
 def test_malformed_annotations_name_the_file(tmp_path: Path, name: str, text: str, problem: str) -> None:
     path = tmp_path / name
     path.write_text(text)
@@ -110,6 +123,6 @@ def test_malformed_annotations_name_the_file(tmp_path: Path, name: str, text: st
 
 def test_annotation_outside_the_slide_is_an_error() -> None:
     poly = ann.Polygon(np.array([[100, 100], [5000, 100], [5000, 400]], float), group="_0", name="A7")
-    ann.check_inside("x.xml", [poly], 6000, 1000)            # inside: no error
+    ann.check_inside("x.xml", [poly], 6000, 1000)  # inside: no error
     with pytest.raises(InputError, match="outside the 4000×1000 slide"):
         ann.check_inside("x.xml", [poly], 4000, 1000)

@@ -1,4 +1,5 @@
 """Tissue masks (medflow.tissue): Otsu + morphology on real OpenSlide reads, user mask images."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,16 @@ from medflow.core.errors import InputError
 from medflow.extract.wsi import tissue
 from medflow.extract.wsi.pyramid import write_pyramid_tiff
 
-TISSUE_CFG = {"method": "otsu", "channel": "saturation", "mask_mpp": 16.0, "threshold": 0, "min_threshold": 8,
-              "closing_um": 64, "opening_um": 32, "min_region_um2": 20000}
+TISSUE_CFG = {
+    "method": "otsu",
+    "channel": "saturation",
+    "mask_mpp": 16.0,
+    "threshold": 0,
+    "min_threshold": 8,
+    "closing_um": 64,
+    "opening_um": 32,
+    "min_region_um2": 20000,
+}
 
 
 def _blob_slide(path: Path, width: int = 2048, height: int = 1536, blank: bool = False) -> np.ndarray:
@@ -23,10 +32,16 @@ def _blob_slide(path: Path, width: int = 2048, height: int = 1536, blank: bool =
     truth = ((xx - 900) / 600.0) ** 2 + ((yy - 700) / 400.0) ** 2 < 1
     rgb = np.full((height, width, 3), 240, np.uint8)
     if not blank:
-        pink = np.stack([rng.integers(180, 230, truth.sum()), rng.integers(90, 150, truth.sum()),
-                         rng.integers(150, 200, truth.sum())], axis=1)
+        pink = np.stack(
+            [
+                rng.integers(180, 230, truth.sum()),
+                rng.integers(90, 150, truth.sum()),
+                rng.integers(150, 200, truth.sum()),
+            ],
+            axis=1,
+        )
         rgb[truth] = pink
-        rgb[100:102, 1800:1802] = (120, 40, 120)       # dust: far below min_region_um2
+        rgb[100:102, 1800:1802] = (120, 40, 120)  # dust: far below min_region_um2
     rgb = (rgb.astype(np.int16) + rng.integers(-3, 4, rgb.shape)).clip(0, 255).astype(np.uint8)
     write_pyramid_tiff(path, rgb, mpp=0.5, tile=256)
     return truth & ~blank
@@ -44,9 +59,11 @@ def test_otsu_mask_finds_the_tissue_on_a_real_pyramid(tmp_path: Path) -> None:
     slide = openslide.OpenSlide(str(tmp_path / "blob.tiff"))
     assert slide.level_count > 2
     tm = tissue.otsu_mask(slide, 0.5, TISSUE_CFG)
-    assert tm.level > 0 and tm.cell == pytest.approx(32.0)     # 16 µm/px at 0.5 µm/px level 0
+    assert tm.level > 0 and tm.cell == pytest.approx(32.0)  # 16 µm/px at 0.5 µm/px level 0
     rows, cols = tm.mask.shape
-    centres = truth[(np.arange(rows) * tm.cell + tm.cell / 2).astype(int)][:, (np.arange(cols) * tm.cell + tm.cell / 2).astype(int)]
+    centres = truth[(np.arange(rows) * tm.cell + tm.cell / 2).astype(int)][
+        :, (np.arange(cols) * tm.cell + tm.cell / 2).astype(int)
+    ]
     iou = (tm.mask & centres).sum() / (tm.mask | centres).sum()
     assert iou > 0.9, iou
     assert not tm.mask[100 // 32, 1800 // 32], "dust speck should be removed"
@@ -62,8 +79,8 @@ def test_blank_slide_has_no_tissue(tmp_path: Path) -> None:
 def test_clean_fills_gaps_and_drops_small_regions() -> None:
     mask = np.zeros((60, 60), bool)
     mask[10:40, 10:40] = True
-    mask[25, 10:40] = False                 # 1-cell crack: closed
-    mask[50, 50] = True                     # isolated pixel: removed
+    mask[25, 10:40] = False  # 1-cell crack: closed
+    mask[50, 50] = True  # isolated pixel: removed
     out = tissue.clean(mask, cell_um=16, closing_um=64, opening_um=32, min_region_um2=16 * 16 * 20)
     assert out[25, 20] and not out[50, 50]
     assert out[12:38, 12:38].all()

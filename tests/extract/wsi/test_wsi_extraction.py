@@ -1,4 +1,5 @@
 """WSI extraction (medflow.wsi): real OpenSlide reads of real SVS files and synthetic pyramids."""
+
 from __future__ import annotations
 
 import copy
@@ -51,20 +52,35 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("synthetic")
     rng = np.random.default_rng(3)
     rgb = np.full((H, W, 3), 242, np.uint8)
-    tissue = rng.integers(0, 60, (H - 2 * MARGIN, W - 2 * MARGIN, 3)).astype(np.uint8) + np.array([170, 90, 140], np.uint8)
-    rgb[MARGIN:H - MARGIN, MARGIN:W - MARGIN] = tissue
+    tissue = rng.integers(0, 60, (H - 2 * MARGIN, W - 2 * MARGIN, 3)).astype(np.uint8) + np.array(
+        [170, 90, 140], np.uint8
+    )
+    rgb[MARGIN : H - MARGIN, MARGIN : W - MARGIN] = tissue
     write_pyramid_tiff(d / "slide.tiff", rgb, mpp=MPP, tile=256)
     outer, hole = _circle(R_OUT), _circle(R_HOLE)
-    geo = {"type": "FeatureCollection", "features": [{
-        "type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-        "geometry": {"type": "Polygon", "coordinates": [outer.tolist(), hole.tolist()]}}]}
+    geo = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"classification": {"name": "Tumor"}},
+                "geometry": {"type": "Polygon", "coordinates": [outer.tolist(), hole.tolist()]},
+            }
+        ],
+    }
     (d / "donut.geojson").write_text(json.dumps(geo))
     write_asap_xml(d / "donut.xml", {"_0": [outer], "_2": [hole]})
     white = np.full((1024, 1024, 3), 243, np.uint8)
     write_pyramid_tiff(d / "blank.tiff", white, mpp=MPP, tile=256)
     (d / "garbage.svs").write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
-    return {"dir": d, "slide": d / "slide.tiff", "geojson": d / "donut.geojson", "xml": d / "donut.xml",
-            "blank": d / "blank.tiff", "garbage": d / "garbage.svs"}
+    return {
+        "dir": d,
+        "slide": d / "slide.tiff",
+        "geojson": d / "donut.geojson",
+        "xml": d / "donut.xml",
+        "blank": d / "blank.tiff",
+        "garbage": d / "garbage.svs",
+    }
 
 
 def _cohort_cfg(cfg: dict, tmp: Path, rows: list[dict], cohort_mpp: float | None = None, **wsi_over) -> dict:
@@ -72,7 +88,9 @@ def _cohort_cfg(cfg: dict, tmp: Path, rows: list[dict], cohort_mpp: float | None
     cfg = copy.deepcopy(cfg)
     lines = ["image_id,patient_id,image,annotation,mpp,mask"]
     for r in rows:
-        lines.append(",".join(str(r.get(k, "")) for k in ("image_id", "patient_id", "image", "annotation", "mpp", "mask")))
+        lines.append(
+            ",".join(str(r.get(k, "")) for k in ("image_id", "patient_id", "image", "annotation", "mpp", "mask"))
+        )
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "manifest.csv").write_text("\n".join(lines) + "\n")
     cfg["cohorts"] = {"c": {"kind": "wsi", "manifest": str(tmp / "manifest.csv")}}
@@ -88,11 +106,14 @@ def _cohort_cfg(cfg: dict, tmp: Path, rows: list[dict], cohort_mpp: float | None
 
 def _run(cfg: dict, tmp: Path, image_id: str, **kw) -> dict:
     entry = next(e for e in _entries(cfg) if e.image_id == image_id)
-    return wsi.extract_slide(entry, cfg, "c", tmp / "out" / f"{image_id}.h5", tmp / "out" / f"{image_id}.record.json", **kw)
+    return wsi.extract_slide(
+        entry, cfg, "c", tmp / "out" / f"{image_id}.h5", tmp / "out" / f"{image_id}.record.json", **kw
+    )
 
 
 def _entries(cfg: dict) -> list[ImageEntry]:
     from medflow.core import manifest as cohort
+
     return cohort.entries(cfg, "c")
 
 
@@ -103,9 +124,21 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
 
 def _cli(cfg: dict, tmp: Path, image_id: str) -> int:
     cfg_path = write_config(cfg, tmp / "config.yaml")
-    return cli.main(["extract-wsi", "--config", str(cfg_path), "--cohort", "c", "--image-id", image_id,
-                     "--out", str(tmp / "out" / f"{image_id}.h5"),
-                     "--record", str(tmp / "out" / f"{image_id}.record.json")])
+    return cli.main(
+        [
+            "extract-wsi",
+            "--config",
+            str(cfg_path),
+            "--cohort",
+            "c",
+            "--image-id",
+            image_id,
+            "--out",
+            str(tmp / "out" / f"{image_id}.h5"),
+            "--record",
+            str(tmp / "out" / f"{image_id}.record.json"),
+        ]
+    )
 
 
 def _assert_same_as_read_region(path: Path, slide_path: Path) -> None:
@@ -122,11 +155,11 @@ def test_choose_level_picks_a_level_or_resamples() -> None:
     ds = [1.0, 2.0, 4.0, 8.0]
     p = choose_level(ds, 0.25, 0.5, 224, 0.05)
     assert (p.level, p.read_size, p.resample) == (1, 224, False)
-    p = choose_level(ds, 0.25, 0.75, 224, 0.05)           # between levels: finer level, 336 → 224
+    p = choose_level(ds, 0.25, 0.75, 224, 0.05)  # between levels: finer level, 336 → 224
     assert (p.level, p.read_size, p.resample) == (1, 336, True) and p.mpp == pytest.approx(0.75)
-    p = choose_level(ds, 0.25, 0.24, 224, 0.05)           # within tolerance of level 0
+    p = choose_level(ds, 0.25, 0.24, 224, 0.05)  # within tolerance of level 0
     assert (p.level, p.read_size) == (0, 224)
-    p = choose_level(ds, 0.25, 4.0, 224, 0.05)            # coarser than the top level
+    p = choose_level(ds, 0.25, 4.0, 224, 0.05)  # coarser than the top level
     assert (p.level, p.read_size) == (3, 448)
     with pytest.raises(InputError, match="requested mpp impossible"):
         choose_level(ds, 0.25, 0.2, 224, 0.05, "s.svs")
@@ -136,7 +169,7 @@ def test_box_counts_equal_brute_force_window_sums() -> None:
     mask = np.random.default_rng(5).random((23, 31)) < 0.4
     k = 8
     got = _box_counts(mask, k)
-    want = np.array([[mask[r:r + k, c:c + k].sum() for c in range(31 - k + 1)] for r in range(23 - k + 1)])
+    want = np.array([[mask[r : r + k, c : c + k].sum() for c in range(31 - k + 1)] for r in range(23 - k + 1)])
     np.testing.assert_array_equal(got, want)
     assert not _box_counts(np.zeros((10, 12), bool), k).any()
 
@@ -155,9 +188,13 @@ def test_quality_rejects_white_black_and_blur() -> None:
 
 # ---- synthetic pyramids --------------------------------------------------------------------------
 def test_random_extraction_pixels_labels_and_provenance(synthetic, default_cfg, tmp_path) -> None:
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "s1", "patient_id": "p1", "image": synthetic["slide"],
-                                               "annotation": synthetic["geojson"]}],
-                      mpp=0.5, sampling={"mode": "random", "per_class": 25})
+    cfg = _cohort_cfg(
+        default_cfg,
+        tmp_path,
+        [{"image_id": "s1", "patient_id": "p1", "image": synthetic["slide"], "annotation": synthetic["geojson"]}],
+        mpp=0.5,
+        sampling={"mode": "random", "per_class": 25},
+    )
     rec = _run(cfg, tmp_path, "s1")
     shard = tmp_path / "out" / "s1.h5"
     assert rec["status"] == "ok" and rec["shard"] == "s1.h5"
@@ -182,24 +219,30 @@ def test_random_extraction_pixels_labels_and_provenance(synthetic, default_cfg, 
 
 
 def test_grid_labels_hole_is_normal_ring_is_tumour(synthetic, default_cfg, tmp_path) -> None:
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "g", "patient_id": "p", "image": synthetic["slide"],
-                                               "annotation": synthetic["geojson"]}],
-                      mpp=0.5, sampling={"mode": "grid"})
+    cfg = _cohort_cfg(
+        default_cfg,
+        tmp_path,
+        [{"image_id": "g", "patient_id": "p", "image": synthetic["slide"], "annotation": synthetic["geojson"]}],
+        mpp=0.5,
+        sampling={"mode": "grid"},
+    )
     _run(cfg, tmp_path, "g")
     _, coords, labels, _ = _load(tmp_path / "out" / "g.h5")
     got = {tuple(c): int(lab) for c, lab in zip(coords.tolist(), labels.tolist())}
-    assert got[(896, 672)] == 0                # the patch inside the hole
-    assert got[(1344, 672)] == 1               # two patches to the right: fully in the ring
-    assert got[(224, 1344)] == 0               # plain tissue far from the annotation
-    for (x, y), lab in got.items():            # every grid patch agrees with the polygon truth
+    assert got[(896, 672)] == 0  # the patch inside the hole
+    assert got[(1344, 672)] == 1  # two patches to the right: fully in the ring
+    assert got[(224, 1344)] == 0  # plain tissue far from the annotation
+    for (x, y), lab in got.items():  # every grid patch agrees with the polygon truth
         frac = _tumour_fraction(x, y, 224)
         assert (lab == 1 and frac >= 0.5) or (lab == 0 and frac <= 0.1), (x, y, lab, frac)
     assert all(x % 224 == 0 and y % 224 == 0 for x, y in got)
 
 
 def test_asap_exclusion_group_equals_geojson_hole(synthetic, default_cfg, tmp_path) -> None:
-    rows = [{"image_id": "geo", "patient_id": "p", "image": synthetic["slide"], "annotation": synthetic["geojson"]},
-            {"image_id": "xml", "patient_id": "p", "image": synthetic["slide"], "annotation": synthetic["xml"]}]
+    rows = [
+        {"image_id": "geo", "patient_id": "p", "image": synthetic["slide"], "annotation": synthetic["geojson"]},
+        {"image_id": "xml", "patient_id": "p", "image": synthetic["slide"], "annotation": synthetic["xml"]},
+    ]
     cfg = _cohort_cfg(default_cfg, tmp_path, rows, mpp=0.5, sampling={"mode": "grid"})
     _run(cfg, tmp_path, "geo")
     _run(cfg, tmp_path, "xml")
@@ -211,11 +254,17 @@ def test_asap_exclusion_group_equals_geojson_hole(synthetic, default_cfg, tmp_pa
 
 
 def test_resampled_patches_match_the_documented_reference(synthetic, default_cfg, tmp_path) -> None:
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "r", "patient_id": "p", "image": synthetic["slide"]}],
-                      mpp=0.8, patch_size=64, sampling={"mode": "random", "per_class": 12})
+    cfg = _cohort_cfg(
+        default_cfg,
+        tmp_path,
+        [{"image_id": "r", "patient_id": "p", "image": synthetic["slide"]}],
+        mpp=0.8,
+        patch_size=64,
+        sampling={"mode": "random", "per_class": 12},
+    )
     _run(cfg, tmp_path, "r")
     patches, coords, labels, attrs = _load(tmp_path / "out" / "r.h5")
-    read = round(64 * 0.8 / 0.5)                 # level 0 (0.5 µm/px) is the finest level ≤ 0.8
+    read = round(64 * 0.8 / 0.5)  # level 0 (0.5 µm/px) is the finest level ≤ 0.8
     assert (attrs["level"], attrs["read_size"]) == (0, read) and attrs["mpp"] == pytest.approx(read * 0.5 / 64)
     assert len(patches) == 12 and set(labels.tolist()) == {0}
     slide = openslide.OpenSlide(str(synthetic["slide"]))
@@ -225,11 +274,11 @@ def test_resampled_patches_match_the_documented_reference(synthetic, default_cfg
         np.testing.assert_array_equal(patch, ref)
 
 
-@pytest.mark.parametrize("read_size", [64, 90])           # direct, and resampled to 64
+@pytest.mark.parametrize("read_size", [64, 90])  # direct, and resampled to 64
 def test_fast_reader_equals_the_public_api_path(synthetic, read_size) -> None:
     slide = openslide.OpenSlide(str(synthetic["slide"]))
     plan = ReadPlan(level=1, level_downsample=2.0, level0_mpp=MPP, read_size=read_size, patch_size=64)
-    coords = np.array([[0, 0], [300, 500], [2100, 1700], [2230, 1780]])      # the last ones cross the edge
+    coords = np.array([[0, 0], [300, 500], [2100, 1700], [2230, 1780]])  # the last ones cross the edge
     fast = RegionReader(slide, plan, synthetic["slide"])
     public = RegionReader(slide, plan, synthetic["slide"])
     public._fast = None
@@ -238,9 +287,14 @@ def test_fast_reader_equals_the_public_api_path(synthetic, read_size) -> None:
 
 
 def test_coarser_level_read_directly(synthetic, default_cfg, tmp_path) -> None:
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "l1", "patient_id": "p", "image": synthetic["slide"],
-                                               "annotation": synthetic["xml"]}],
-                      mpp=1.0, patch_size=96, sampling={"mode": "random", "per_class": 10})
+    cfg = _cohort_cfg(
+        default_cfg,
+        tmp_path,
+        [{"image_id": "l1", "patient_id": "p", "image": synthetic["slide"], "annotation": synthetic["xml"]}],
+        mpp=1.0,
+        patch_size=96,
+        sampling={"mode": "random", "per_class": 10},
+    )
     rec = _run(cfg, tmp_path, "l1")
     attrs = _load(tmp_path / "out" / "l1.h5")[3]
     assert (attrs["level"], attrs["downsample"], attrs["read_size"]) == (1, 2.0, 96)
@@ -266,7 +320,7 @@ def test_rerun_is_skipped_until_the_config_changes(synthetic, default_cfg, tmp_p
     stamp = shard.stat().st_mtime_ns
     assert _cli(cfg, tmp_path, "s") == 0
     assert "up to date" in capsys.readouterr().out and shard.stat().st_mtime_ns == stamp
-    (tmp_path / "out" / "s.record.json").unlink()        # killed after the shard: record rebuilt from it
+    (tmp_path / "out" / "s.record.json").unlink()  # killed after the shard: record rebuilt from it
     assert _cli(cfg, tmp_path, "s") == 0
     assert fsio.read_json(tmp_path / "out" / "s.record.json")["n_patches"] == 5
     cfg["wsi"]["sampling"]["per_class"] = 7
@@ -301,8 +355,9 @@ def test_bad_input_exits_2_with_one_clear_line(case, synthetic, default_cfg, tmp
 
 
 def test_on_error_skip_writes_a_failed_record_and_no_shard(synthetic, default_cfg, tmp_path) -> None:
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "b", "patient_id": "p", "image": synthetic["garbage"]}],
-                      on_error="skip")
+    cfg = _cohort_cfg(
+        default_cfg, tmp_path, [{"image_id": "b", "patient_id": "p", "image": synthetic["garbage"]}], on_error="skip"
+    )
     assert _cli(cfg, tmp_path, "b") == 0
     rec = fsio.read_json(tmp_path / "out" / "b.record.json")
     assert rec["status"] == "failed" and rec["shard"] is None and rec["n_patches"] == 0
@@ -313,8 +368,13 @@ def test_on_error_skip_writes_a_failed_record_and_no_shard(synthetic, default_cf
 # ---- real slides ---------------------------------------------------------------------------------
 def test_real_svs_patches_equal_read_region(shared_data, default_cfg, tmp_path) -> None:
     svs = shared_data / "cmu1_small_region" / "CMU-1-Small-Region.svs"
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "cmu1", "patient_id": "p", "image": svs}],
-                      mpp=0.5, sampling={"mode": "random", "per_class": 30})
+    cfg = _cohort_cfg(
+        default_cfg,
+        tmp_path,
+        [{"image_id": "cmu1", "patient_id": "p", "image": svs}],
+        mpp=0.5,
+        sampling={"mode": "random", "per_class": 30},
+    )
     rec = _run(cfg, tmp_path, "cmu1")
     assert rec["counts"] == {"normal": 30, "tumour": 0}
     attrs = _load(tmp_path / "out" / "cmu1.h5")[3]
@@ -334,7 +394,7 @@ def test_real_svs_without_mpp_needs_an_explicit_mpp(shared_data, default_cfg, tm
     cfg = _cohort_cfg(default_cfg, tmp_path / "mpp", rows, cohort_mpp=0.25, mpp=0.5, sampling={"per_class": 8})
     rec = _run(cfg, tmp_path / "mpp", "tcga")
     attrs = _load(tmp_path / "mpp" / "out" / "tcga.h5")[3]
-    assert (attrs["level"], attrs["mpp_source"], rec["n_patches"]) == (1, "cohort", 8)   # 0.25 × 2.0005 ≈ 0.5
+    assert (attrs["level"], attrs["mpp_source"], rec["n_patches"]) == (1, "cohort", 8)  # 0.25 × 2.0005 ≈ 0.5
     _assert_same_as_read_region(tmp_path / "mpp" / "out" / "tcga.h5", svs)
 
 
@@ -351,21 +411,29 @@ def test_truncated_real_svs_gives_the_clear_error(shared_data, default_cfg, tmp_
 
 # mask from the thumbnail, or from the corrupt level; reading in this process or in 2 workers
 @pytest.mark.parametrize("mask_mpp,workers", [(16.0, 1), (0.5, 1), (16.0, 2)])
-def test_corrupt_tiles_give_a_decode_error_and_no_shard(shared_data, default_cfg, tmp_path, capsys,
-                                                         mask_mpp, workers) -> None:
+def test_corrupt_tiles_give_a_decode_error_and_no_shard(
+    shared_data, default_cfg, tmp_path, capsys, mask_mpp, workers
+) -> None:
     import tifffile
 
     src = shared_data / "cmu1_small_region" / "CMU-1-Small-Region.svs"
     data = bytearray(src.read_bytes())
     with tifffile.TiffFile(src) as tif:
         page = tif.pages[0]
-        for i in range(0, len(page.dataoffsets), 3):             # zero every third JPEG tile's payload
+        for i in range(0, len(page.dataoffsets), 3):  # zero every third JPEG tile's payload
             o, n = page.dataoffsets[i], page.databytecounts[i]
-            data[o + 10:o + n - 10] = bytes(n - 20)
+            data[o + 10 : o + n - 10] = bytes(n - 20)
     broken = tmp_path / "corrupt.svs"
     broken.write_bytes(bytes(data))
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "k", "patient_id": "p", "image": broken}], mpp=0.5,
-                      tissue={"mask_mpp": mask_mpp}, sampling={"per_class": 200}, workers=workers)
+    cfg = _cohort_cfg(
+        default_cfg,
+        tmp_path,
+        [{"image_id": "k", "patient_id": "p", "image": broken}],
+        mpp=0.5,
+        tissue={"mask_mpp": mask_mpp},
+        sampling={"per_class": 200},
+        workers=workers,
+    )
     assert _cli(cfg, tmp_path, "k") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"medflow extract-wsi: error: {broken}: decode error") and "\n" not in err
@@ -375,12 +443,22 @@ def test_corrupt_tiles_give_a_decode_error_and_no_shard(shared_data, default_cfg
 def test_unrecognised_annotation_groups_are_never_sampled_as_normal(synthetic, default_cfg, tmp_path, capsys) -> None:
     geo = json.loads(synthetic["geojson"].read_text())
     square = [[1792, 1344], [2016, 1344], [2016, 1568], [1792, 1568], [1792, 1344]]
-    geo["features"].append({"type": "Feature", "properties": {"classification": {"name": "Necrosis"}},
-                            "geometry": {"type": "Polygon", "coordinates": [square]}})
+    geo["features"].append(
+        {
+            "type": "Feature",
+            "properties": {"classification": {"name": "Necrosis"}},
+            "geometry": {"type": "Polygon", "coordinates": [square]},
+        }
+    )
     path = tmp_path / "with_other.geojson"
     path.write_text(json.dumps(geo))
-    cfg = _cohort_cfg(default_cfg, tmp_path, [{"image_id": "o", "patient_id": "p", "image": synthetic["slide"],
-                                               "annotation": path}], mpp=0.5, sampling={"mode": "grid"})
+    cfg = _cohort_cfg(
+        default_cfg,
+        tmp_path,
+        [{"image_id": "o", "patient_id": "p", "image": synthetic["slide"], "annotation": path}],
+        mpp=0.5,
+        sampling={"mode": "grid"},
+    )
     rec = _run(cfg, tmp_path, "o")
     assert "groups ['Necrosis'] are neither" in capsys.readouterr().out
     assert rec["wsi"]["unsampled_groups"] == ["Necrosis"]

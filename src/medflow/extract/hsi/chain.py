@@ -8,6 +8,7 @@ Chain (each step switchable in ``hsi.chain``; vectorised NumPy, float32):
 Cubes (ENVI, .mat, 3-D .npy) enter at step 3. The steps run on blocks of cube rows so intermediates
 stay in cache. Used by extraction (`medflow.extract.hsi.job`) and prediction (`medflow.predict.hsi`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,8 @@ from . import io as hsi_io
 from .patches import map_labels
 
 STEPS = ("calibrate", "demosaic", "correct", "normalise")
-CAMERA_WAVELENGTHS_NM = np.linspace(665.0, 975.0, 25)   # the 5×5 snapshot camera's band centres
-CHAIN_BLOCK_ROWS = 8                                   # cube rows per chain block (~0.5 MB: fits L2)
+CAMERA_WAVELENGTHS_NM = np.linspace(665.0, 975.0, 25)  # the 5×5 snapshot camera's band centres
+CHAIN_BLOCK_ROWS = 8  # cube rows per chain block (~0.5 MB: fits L2)
 
 
 # ---- chain steps (pure functions) ---------------------------------------------------------------------
@@ -36,14 +37,14 @@ def active_area(mosaic: np.ndarray, offset: tuple[int, int], crop: tuple[int, in
     w = int(crop[1]) or mosaic.shape[1] - c0
     if r0 + h > mosaic.shape[0] or c0 + w > mosaic.shape[1] or h <= 0 or w <= 0:
         raise ValueError(f"active area offset {tuple(offset)} crop {tuple(crop)} exceeds the frame {mosaic.shape}")
-    return mosaic[r0:r0 + h, c0:c0 + w]
+    return mosaic[r0 : r0 + h, c0 : c0 + w]
 
 
 def calibrate(raw: np.ndarray, white: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, int]:
     """Reflectance (I − D) / (W − D) as float32, and the number of dead pixels (W == D, set to 0)."""
     out = np.subtract(raw, dark, dtype=np.float32)
     den = np.subtract(white, dark, dtype=np.float32)
-    if den.all():                                  # the common case: one cheap test, no mask kept
+    if den.all():  # the common case: one cheap test, no mask kept
         np.divide(out, den, out=out)
         return out, 0
     dead = den == 0
@@ -75,7 +76,7 @@ def demosaic(mosaic: np.ndarray, size: int, band_order: list[int] | None = None)
         # NumPy's element-wise transpose); then (r, i, c) → (r, c, i) is a plain item transpose.
         rowruns = src.view(f"V{size * src.itemsize}").reshape(rows // size, size, cols // size)
         cube = np.ascontiguousarray(rowruns.transpose(0, 2, 1)).view(np.float32)
-    except ValueError:   # last axis not contiguous (an odd crop view): element-wise transpose
+    except ValueError:  # last axis not contiguous (an odd crop view): element-wise transpose
         cube = np.ascontiguousarray(src.reshape(rows // size, size, cols // size, size).transpose(0, 2, 1, 3))
     cube = cube.reshape(rows // size, cols // size, size * size)
     if order != list(range(size * size)):
@@ -95,14 +96,14 @@ def correct(cube: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 def normalise(cube: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Divide every spectrum by its RMS over bands (in place, or into ``out``); returns (result, number
     of zero-RMS pixels)."""
-    inv = np.einsum("...b,...b->...", cube, cube)                        # sum of squares, no temporary cube
+    inv = np.einsum("...b,...b->...", cube, cube)  # sum of squares, no temporary cube
     zero = inv == 0
     n_zero = int(np.count_nonzero(zero))
     if n_zero:
-        inv[zero] = 1.0                                                  # all-zero spectra stay zero
+        inv[zero] = 1.0  # all-zero spectra stay zero
     inv /= cube.shape[-1]
     np.sqrt(inv, out=inv)
-    np.reciprocal(inv, out=inv)                                          # one division per pixel, not per band
+    np.reciprocal(inv, out=inv)  # one division per pixel, not per band
     out = cube if out is None else out
     np.multiply(cube, inv[..., None], out=out)
     return out, n_zero
@@ -124,8 +125,9 @@ def check_config(hcfg: dict) -> None:
         except ValueError:
             raise InputError("config", f"hsi.class_map key {key!r} is not an integer ground-truth value") from None
         if cls < -1 or cls >= len(hcfg["class_names"]):
-            raise InputError("config", f"hsi.class_map[{key}] = {cls} is not a class id "
-                                       f"(−1 or 0..{len(hcfg['class_names']) - 1})")
+            raise InputError(
+                "config", f"hsi.class_map[{key}] = {cls} is not a class id (−1 or 0..{len(hcfg['class_names']) - 1})"
+            )
 
 
 def band_wavelengths(hcfg: dict, bands: int, from_file: list[float], demosaiced: bool) -> list[float]:
@@ -144,13 +146,13 @@ def band_wavelengths(hcfg: dict, bands: int, from_file: list[float], demosaiced:
 # ---- the whole chain on one manifest entry ----------------------------------------------------------------
 @dataclass
 class ChainResult:
-    cube: np.ndarray                     # float32 (rows, cols, bands)
-    labels: np.ndarray                   # int64 (rows, cols), −1 = unlabelled (all −1 without ground truth)
+    cube: np.ndarray  # float32 (rows, cols, bands)
+    labels: np.ndarray  # int64 (rows, cols), −1 = unlabelled (all −1 without ground truth)
     timings: dict[str, float]
-    chain: dict[str, Any]                # steps applied + their parameters and guard counts
+    chain: dict[str, Any]  # steps applied + their parameters and guard counts
     wavelengths: list[float]
     has_gt: bool = False
-    source_kind: str = "cube"            # what the image file held: "mosaic" | "cube"
+    source_kind: str = "cube"  # what the image file held: "mosaic" | "cube"
 
 
 def _timer(timings: dict[str, float], key: str, t0: float) -> float:
@@ -171,30 +173,52 @@ def run_chain(entry: ImageEntry, cfg: dict) -> ChainResult:
     white = dark = None
     if image.kind == "mosaic" and steps["calibrate"]:
         if not entry.white or not entry.dark:
-            raise InputError(entry.image, "calibration is on but the manifest gives no white/dark reference "
-                                          "(set hsi.chain.calibrate: false for pre-calibrated mosaics)")
+            raise InputError(
+                entry.image,
+                "calibration is on but the manifest gives no white/dark reference "
+                "(set hsi.chain.calibrate: false for pre-calibrated mosaics)",
+            )
         white = hsi_io.read_reference(entry.white, image.data.shape)
         dark = hsi_io.read_reference(entry.dark, image.data.shape)
     gt = hsi_io.read_ground_truth(entry.annotation) if entry.annotation else None
     load_s = time.perf_counter() - t0
-    cube, timings, chain, demosaiced = chain_cube(image.data, hcfg, white, dark, matrix,
-                                                  {"image": entry.image, "white": entry.white, "matrix": matrix_path})
+    cube, timings, chain, demosaiced = chain_cube(
+        image.data, hcfg, white, dark, matrix, {"image": entry.image, "white": entry.white, "matrix": matrix_path}
+    )
     t0 = time.perf_counter()
     labels = np.full(cube.shape[:2], -1, dtype=np.int64)
     if gt is not None:
         if gt.shape != cube.shape[:2]:
-            raise InputError(entry.annotation,
-                             f"ground-truth shape {gt.shape} differs from the cube's {cube.shape[:2]}")
+            raise InputError(
+                entry.annotation, f"ground-truth shape {gt.shape} differs from the cube's {cube.shape[:2]}"
+            )
         labels = map_labels(gt, hcfg["class_map"], len(hcfg["class_names"]), entry.annotation)
     timings["load"] = timings.get("load", 0.0) + load_s + time.perf_counter() - t0
-    return ChainResult(cube=cube, labels=labels, timings=timings, chain=chain,
-                       wavelengths=band_wavelengths(hcfg, cube.shape[2], image.wavelengths, demosaiced),
-                       has_gt=gt is not None, source_kind=image.kind)
+    return ChainResult(
+        cube=cube,
+        labels=labels,
+        timings=timings,
+        chain=chain,
+        wavelengths=band_wavelengths(hcfg, cube.shape[2], image.wavelengths, demosaiced),
+        has_gt=gt is not None,
+        source_kind=image.kind,
+    )
 
 
-def _chain_block(cube: np.ndarray, active: np.ndarray, white: np.ndarray | None, dark: np.ndarray | None,
-                 matrix: np.ndarray | None, r0: int, r1: int, step: int, order: list[int] | None, hcfg: dict,
-                 timings: dict[str, float], sources: dict[str, str]) -> tuple[int, int]:
+def _chain_block(
+    cube: np.ndarray,
+    active: np.ndarray,
+    white: np.ndarray | None,
+    dark: np.ndarray | None,
+    matrix: np.ndarray | None,
+    r0: int,
+    r1: int,
+    step: int,
+    order: list[int] | None,
+    hcfg: dict,
+    timings: dict[str, float],
+    sources: dict[str, str],
+) -> tuple[int, int]:
     """Chain steps for cube rows r0:r1, written into ``cube``; returns (dead pixels, zero-RMS pixels)."""
     rows = slice(r0 * step, r1 * step)
     dead = zero = 0
@@ -232,9 +256,14 @@ def single_threaded_blas() -> Any:
     return _threadpools().limit(limits=1, user_api="blas")
 
 
-def chain_cube(data: np.ndarray, hcfg: dict, white: np.ndarray | None = None, dark: np.ndarray | None = None,
-               matrix: np.ndarray | None = None, sources: dict[str, str] | None = None
-               ) -> tuple[np.ndarray, dict[str, float], dict[str, Any], bool]:
+def chain_cube(
+    data: np.ndarray,
+    hcfg: dict,
+    white: np.ndarray | None = None,
+    dark: np.ndarray | None = None,
+    matrix: np.ndarray | None = None,
+    sources: dict[str, str] | None = None,
+) -> tuple[np.ndarray, dict[str, float], dict[str, Any], bool]:
     """The configured chain on in-memory arrays: a 2-D mosaic (with white/dark when calibrating) or a
     (rows, cols, bands) cube. Returns (float32 cube, step timings, chain description, demosaiced?).
     ``sources`` names the files behind the arrays for error messages.
@@ -257,8 +286,11 @@ def chain_cube(data: np.ndarray, hcfg: dict, white: np.ndarray | None = None, da
         except ValueError as exc:
             raise InputError(sources["image"], str(exc)) from None
         if demosaicing and (active.shape[0] % size or active.shape[1] % size):
-            raise InputError(sources["image"], f"mosaic active area {active.shape[0]}×{active.shape[1]} is not a "
-                                               f"multiple of the {size}×{size} pattern (check hsi.mosaic offset/crop)")
+            raise InputError(
+                sources["image"],
+                f"mosaic active area {active.shape[0]}×{active.shape[1]} is not a "
+                f"multiple of the {size}×{size} pattern (check hsi.mosaic offset/crop)",
+            )
         if calibrating:
             if white is None or dark is None:
                 raise InputError(sources["image"], "calibration is on but no white/dark reference was given")
@@ -266,21 +298,34 @@ def chain_cube(data: np.ndarray, hcfg: dict, white: np.ndarray | None = None, da
             dark = active_area(dark, mcfg["offset"], mcfg["crop"])
     else:
         active = data
-    step = size if demosaicing else 1                 # input rows per output row
+    step = size if demosaicing else 1  # input rows per output row
     order = band_positions(size, mcfg["band_order"]) if demosaicing else None
     bands = len(order) if order is not None else (1 if mosaic else data.shape[2])
     correcting = steps["correct"] and matrix is not None
     if matrix is not None and correcting and matrix.shape != (bands, bands):
-        raise InputError(sources["matrix"], f"correction matrix is {matrix.shape[0]}×{matrix.shape[1]} but the cube "
-                                            f"has {bands} bands")
+        raise InputError(
+            sources["matrix"],
+            f"correction matrix is {matrix.shape[0]}×{matrix.shape[1]} but the cube has {bands} bands",
+        )
     out_rows = active.shape[0] // step
     cube = np.empty((out_rows, active.shape[1] // step, bands), dtype=np.float32)
     dead = zero = 0
     with single_threaded_blas():
         for r0 in range(0, out_rows, CHAIN_BLOCK_ROWS):
-            dead_n, zero_n = _chain_block(cube, active, white if calibrating else None, dark if calibrating else None,
-                                          matrix if correcting else None, r0,
-                                          min(out_rows, r0 + CHAIN_BLOCK_ROWS), step, order, hcfg, timings, sources)
+            dead_n, zero_n = _chain_block(
+                cube,
+                active,
+                white if calibrating else None,
+                dark if calibrating else None,
+                matrix if correcting else None,
+                r0,
+                min(out_rows, r0 + CHAIN_BLOCK_ROWS),
+                step,
+                order,
+                hcfg,
+                timings,
+                sources,
+            )
             dead += dead_n
             zero += zero_n
     if calibrating:
@@ -288,10 +333,12 @@ def chain_cube(data: np.ndarray, hcfg: dict, white: np.ndarray | None = None, da
             raise InputError(sources["white"], "white and dark references are identical (W == D everywhere)")
         chain.update(calibrate=True, dead_pixels=dead)
     if demosaicing:
-        chain.update(demosaic=True, mosaic={"size": size, "band_order": order, "offset": list(mcfg["offset"]),
-                                            "crop": list(active.shape)})
+        chain.update(
+            demosaic=True,
+            mosaic={"size": size, "band_order": order, "offset": list(mcfg["offset"]), "crop": list(active.shape)},
+        )
     if not mosaic:
-        timings["load"] = timings.pop("demosaic")       # a cube only needs its float32 conversion
+        timings["load"] = timings.pop("demosaic")  # a cube only needs its float32 conversion
         timings["demosaic"] = 0.0
     if steps["correct"]:
         chain.update(correct=True, correction_matrix=str(sources["matrix"]) if correcting else "identity")

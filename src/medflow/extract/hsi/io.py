@@ -8,6 +8,7 @@ Layouts: mosaics and references (rows, cols); cubes (rows, cols, bands); ground 
 integers. MATLAB v7.3 files are HDF5 with column-major storage, so h5py sees every array with its
 axes reversed; they are transposed back here.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,9 +32,10 @@ ENVI_DATA_SUFFIXES = ("", ".img", ".raw", ".dat", ".bsq", ".bil", ".bip", ".IMG"
 @dataclass
 class HsiImage:
     """A loaded input image: a 2-D raw mosaic or a 3-D cube (rows, cols, bands)."""
+
     data: np.ndarray
-    kind: str                        # "mosaic" | "cube"
-    wavelengths: list[float] = field(default_factory=list)   # from the file (ENVI header), if any
+    kind: str  # "mosaic" | "cube"
+    wavelengths: list[float] = field(default_factory=list)  # from the file (ENVI header), if any
 
 
 # ---- generic helpers ------------------------------------------------------------------------------
@@ -100,8 +102,11 @@ def mat_arrays(path: str | Path) -> dict[str, np.ndarray]:
         return _mat73_arrays(path)
     except Exception as exc:
         raise InputError(path, f"not a readable MATLAB file ({type(exc).__name__}: {exc})") from None
-    return {k: v for k, v in content.items()
-            if not k.startswith("__") and isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+    return {
+        k: v
+        for k, v in content.items()
+        if not k.startswith("__") and isinstance(v, np.ndarray) and v.dtype.kind in "biuf"
+    }
 
 
 def _mat73_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -194,8 +199,10 @@ def read_envi(hdr: str | Path) -> tuple[np.ndarray, list[float]]:
     data_file = envi_data_file(hdr, fields)
     count = samples * lines * bands
     if data_file.stat().st_size < offset + count * dtype.itemsize:
-        raise InputError(data_file, f"ENVI data truncated: {data_file.stat().st_size} bytes, header needs "
-                                    f"{offset + count * dtype.itemsize}")
+        raise InputError(
+            data_file,
+            f"ENVI data truncated: {data_file.stat().st_size} bytes, header needs {offset + count * dtype.itemsize}",
+        )
     raw = np.fromfile(data_file, dtype=dtype, count=count, offset=offset)
     cube = np.ascontiguousarray(raw.reshape(shapes[interleave]).transpose(to_hwb[interleave]))
     if cube.dtype.byteorder == ">":
@@ -229,8 +236,9 @@ def read_image(path: str | Path) -> HsiImage:
     elif ext == ".mat":
         data = _pick_mat_array(path, 3, "cube")
     else:
-        raise InputError(path, f"unsupported image format {ext!r}; expected one of "
-                               f"{sorted(set(MOSAIC_SUFFIXES + CUBE_SUFFIXES))}")
+        raise InputError(
+            path, f"unsupported image format {ext!r}; expected one of {sorted(set(MOSAIC_SUFFIXES + CUBE_SUFFIXES))}"
+        )
     data = _numeric(np.asarray(data), path)
     if data.ndim == 3 and ext in (".tif", ".tiff") and data.shape[0] == 1:
         data = data[0]
@@ -253,7 +261,7 @@ def read_reference(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     data = _numeric(np.asarray(data), path)
     check_finite(data, path, "reference frame")
     if data.ndim == 3 and data.shape[1:] == tuple(shape):
-        data = data.mean(axis=0, dtype=np.float64)   # several captured frames: average out noise
+        data = data.mean(axis=0, dtype=np.float64)  # several captured frames: average out noise
     if data.shape != tuple(shape):
         raise InputError(path, f"reference frame shape {data.shape} differs from the mosaic's {tuple(shape)}")
     return data

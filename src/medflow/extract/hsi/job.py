@@ -5,6 +5,7 @@ cube; patches centred on labelled pixels (all, or a seeded stratified subsample)
 zero-copy window view (`medflow.extract.hsi.patches`) and streamed into the shard block by block.
 Skip-if-up-to-date, ``--force``, ``on_error`` and atomic outputs: `medflow.extract.job`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,27 +28,40 @@ from .chain import ChainResult, check_config, run_chain
 from .patches import extract_patches, select_pixels
 
 TIMING_KEYS = ("hash", "load", "calibrate", "demosaic", "correct", "normalise", "patches", "write")
-WRITE_BLOCK = 4096                                     # patches gathered and written per block
+WRITE_BLOCK = 4096  # patches gathered and written per block
 
 
 def input_files(entry: ImageEntry, cfg: dict) -> dict[str, str]:
     """Role → path of every file the shard depends on (an ENVI header's data file included)."""
-    files = {"image": entry.image, "annotation": entry.annotation, "white": entry.white, "dark": entry.dark,
-             "correction_matrix": cfg["hsi"]["correction_matrix"]}
+    files = {
+        "image": entry.image,
+        "annotation": entry.annotation,
+        "white": entry.white,
+        "dark": entry.dark,
+        "correction_matrix": cfg["hsi"]["correction_matrix"],
+    }
     if entry.image.lower().endswith(".hdr"):
         # The ENVI header is tiny; the pixels live in the data file next to it.
         files["image_data"] = str(hsi_io.envi_data_file(Path(entry.image), hsi_io.parse_envi_header(entry.image)))
     return files
 
 
-def extract_image(entry: ImageEntry, cfg: dict, cohort: str, out: str | Path, record_path: str | Path, *,
-                  force: bool = False, verbose: bool = True) -> dict:
+def extract_image(
+    entry: ImageEntry,
+    cfg: dict,
+    cohort: str,
+    out: str | Path,
+    record_path: str | Path,
+    *,
+    force: bool = False,
+    verbose: bool = True,
+) -> dict:
     """Run the chain on one manifest entry, write its shard and record; returns the record.
 
     Skips the work (returning the existing record) when the shard matches this config and these
     inputs, unless ``force``. Bad input raises InputError, or with ``hsi.on_error: skip`` writes a
     `failed` record and no shard."""
-    check_config(cfg["hsi"])                  # a config error fails the job whatever on_error says
+    check_config(cfg["hsi"])  # a config error fails the job whatever on_error says
     target = job_mod.Target("hsi", cohort, entry, Path(out), Path(record_path))
     return job_mod.run(target, cfg, lambda: input_files(entry, cfg), _extract, force=force, verbose=verbose)
 
@@ -67,8 +81,9 @@ def _timer(timings: dict[str, float], key: str, t0: float) -> float:
     return now
 
 
-def _write_shard(out: Path, result: ChainResult, rows: np.ndarray, cols: np.ndarray, cfg: dict,
-                 attrs: dict[str, Any]) -> dict[str, float]:
+def _write_shard(
+    out: Path, result: ChainResult, rows: np.ndarray, cols: np.ndarray, cfg: dict, attrs: dict[str, Any]
+) -> dict[str, float]:
     """Gather patches block by block and stream them into the shard; returns patches/write timings."""
     hcfg, k = cfg["hsi"], cfg["hsi"]["patch"]
     timings = {"patches": 0.0, "write": 0.0}
@@ -78,13 +93,14 @@ def _write_shard(out: Path, result: ChainResult, rows: np.ndarray, cols: np.ndar
     t = time.perf_counter()
     cube = result.cube
     if np.dtype(hcfg["dtype"]) != cube.dtype and len(rows) * k * k > cube.shape[0] * cube.shape[1]:
-        cube = cube.astype(hcfg["dtype"])     # cast each pixel once rather than once per patch holding it
+        cube = cube.astype(hcfg["dtype"])  # cast each pixel once rather than once per patch holding it
     t = _timer(timings, "patches", t)
-    with ShardWriter(out, (k, k, bands), hcfg["dtype"], attrs, chunk_patches=chunk,
-                     compression=cfg["shards"]["compression"]) as writer:
+    with ShardWriter(
+        out, (k, k, bands), hcfg["dtype"], attrs, chunk_patches=chunk, compression=cfg["shards"]["compression"]
+    ) as writer:
         t = _timer(timings, "write", t)
         for lo in range(0, len(rows), block):
-            r, c = rows[lo:lo + block], cols[lo:lo + block]
+            r, c = rows[lo : lo + block], cols[lo : lo + block]
             patches = extract_patches(cube, r, c, k)
             t = _timer(timings, "patches", t)
             writer.append(patches, np.stack([r, c], axis=1), result.labels[r, c])
@@ -113,8 +129,15 @@ def patch_centres(entry: ImageEntry, cfg: dict, result: ChainResult) -> tuple[np
 def _geometry_attrs(cfg: dict, result: ChainResult) -> dict[str, Any]:
     hcfg = cfg["hsi"]
     bands = int(result.cube.shape[2])
-    return {"patch_size": int(hcfg["patch"]), "channels": bands, "bands": bands, "wavelengths": result.wavelengths,
-            "chain": result.chain, "border": hcfg["border"], "cube_shape": list(result.cube.shape)}
+    return {
+        "patch_size": int(hcfg["patch"]),
+        "channels": bands,
+        "bands": bands,
+        "wavelengths": result.wavelengths,
+        "chain": result.chain,
+        "border": hcfg["border"],
+        "cube_shape": list(result.cube.shape),
+    }
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------

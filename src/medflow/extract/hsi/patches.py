@@ -3,6 +3,7 @@
 Windows are views of ``sliding_window_view`` (no copy); a centre near the border is served by a
 NumPy 'reflect' padded copy of the cube, made only when needed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,15 +23,15 @@ def map_labels(gt: np.ndarray, class_map: dict[str, int], n_classes: int, path: 
     if gt.size == 0:
         return np.full(gt.shape, -1, dtype=np.int64)
     lo, hi = int(gt.min()), int(gt.max())
-    if hi - lo < 1 << 20:                       # a lookup table over the value range (the usual case)
+    if hi - lo < 1 << 20:  # a lookup table over the value range (the usual case)
         index = gt - lo
         values = np.arange(lo, hi + 1)
         present = np.bincount(index.ravel(), minlength=len(values)) > 0
-    else:                                       # a few huge/sparse values: table over the distinct ones
+    else:  # a few huge/sparse values: table over the distinct ones
         values, inverse = np.unique(gt, return_inverse=True)
         index = inverse.reshape(gt.shape)
         present = np.ones(len(values), dtype=bool)
-    if class_map:                               # `values` is sorted in both cases: place the keys by bisection
+    if class_map:  # `values` is sorted in both cases: place the keys by bisection
         keys = np.array([int(key) for key in class_map], dtype=np.int64)
         ids = np.array([int(cls) for cls in class_map.values()], dtype=np.int64)
         pos = np.minimum(np.searchsorted(values, keys), len(values) - 1)
@@ -41,8 +42,11 @@ def map_labels(gt: np.ndarray, class_map: dict[str, int], n_classes: int, path: 
         classes = np.where(values > 0, values - 1, -1).astype(np.int64)
     too_big = values[present & (classes >= n_classes)]
     if too_big.size:
-        raise InputError(path, f"ground-truth value(s) {too_big.tolist()} map to class ids beyond the {n_classes} "
-                               f"class names (set hsi.class_map / hsi.class_names)")
+        raise InputError(
+            path,
+            f"ground-truth value(s) {too_big.tolist()} map to class ids beyond the {n_classes} "
+            f"class names (set hsi.class_map / hsi.class_names)",
+        )
     return classes[index]
 
 
@@ -63,21 +67,26 @@ def extract_patches(cube: np.ndarray, rows: np.ndarray, cols: np.ndarray, k: int
     """(N, k, k, B) windows of ``cube`` centred on (rows, cols), reflected at the border: one gather."""
     rows, cols = np.asarray(rows), np.asarray(cols)
     half = k // 2
-    near_border = len(rows) and (rows.min() < half or cols.min() < half or
-                                 rows.max() >= cube.shape[0] - half or cols.max() >= cube.shape[1] - half)
-    windows, offset = pixel_windows(cube, k, pad=bool(near_border))   # pad (a cube copy) only when needed
+    near_border = len(rows) and (
+        rows.min() < half
+        or cols.min() < half
+        or rows.max() >= cube.shape[0] - half
+        or cols.max() >= cube.shape[1] - half
+    )
+    windows, offset = pixel_windows(cube, k, pad=bool(near_border))  # pad (a cube copy) only when needed
     return windows[rows + offset, cols + offset]
 
 
-def select_pixels(labels: np.ndarray, k: int, border: str, per_class: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def select_pixels(
+    labels: np.ndarray, k: int, border: str, per_class: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Labelled pixel centres (rows, cols) in raster order; border=skip drops windows crossing the edge;
     per_class > 0 keeps a seeded random subsample of at most that many per class."""
     flat = np.flatnonzero(labels.ravel() >= 0)
     rows, cols = np.divmod(flat, labels.shape[1])
     if border == "skip":
         half = k // 2
-        keep = ((rows >= half) & (rows < labels.shape[0] - half) & (cols >= half) & (cols < labels.shape[1] - half))
+        keep = (rows >= half) & (rows < labels.shape[0] - half) & (cols >= half) & (cols < labels.shape[1] - half)
         flat = flat[keep]
     if per_class > 0:
         cls = labels.ravel()[flat]

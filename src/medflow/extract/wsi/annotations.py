@@ -6,6 +6,7 @@ Polygon / MultiPolygon with holes; class from ``properties.classification.name``
 level-0 pixels. ``rasterize`` draws the union of the polygons of some groups, minus their holes,
 minus the polygons of exclusion groups, into a boolean mask at any downsample.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ _GEOJSON_EXTS = {".json", ".geojson"}
 @dataclass
 class Polygon:
     """One annotated region: an exterior ring and optional hole rings, (K,2) float level-0 (x, y)."""
+
     exterior: np.ndarray
     holes: list[np.ndarray] = field(default_factory=list)
     group: str = ""
@@ -169,8 +171,10 @@ def write_asap_xml(path: str | Path, groups: dict[str, list[np.ndarray]]) -> Non
     n = 0
     for g, (group, polygons) in enumerate(groups.items()):
         for poly in polygons:
-            lines.append(f'\t\t<Annotation Name="Annotation {n}" Type="Polygon" PartOfGroup={quoteattr(group)} '
-                         f'Color="{colours[g % len(colours)]}">')
+            lines.append(
+                f'\t\t<Annotation Name="Annotation {n}" Type="Polygon" PartOfGroup={quoteattr(group)} '
+                f'Color="{colours[g % len(colours)]}">'
+            )
             lines.append("\t\t\t<Coordinates>")
             for order, (x, y) in enumerate(np.asarray(poly, dtype=float)):
                 lines.append(f'\t\t\t\t<Coordinate Order="{order}" X="{x:.1f}" Y="{y:.1f}" />')
@@ -179,15 +183,19 @@ def write_asap_xml(path: str | Path, groups: dict[str, list[np.ndarray]]) -> Non
             n += 1
     lines += ["\t</Annotations>", "\t<AnnotationGroups>"]
     for group in groups:
-        lines += [f'\t\t<Group Name={quoteattr(group)} PartOfGroup="None" Color="#ff0000">',
-                  "\t\t\t<Attributes />", "\t\t</Group>"]
+        lines += [
+            f'\t\t<Group Name={quoteattr(group)} PartOfGroup="None" Color="#ff0000">',
+            "\t\t\t<Attributes />",
+            "\t\t</Group>",
+        ]
     lines += ["\t</AnnotationGroups>", "</ASAP_Annotations>", ""]
     fsio.write_text(path, "\n".join(lines))
 
 
 # ---- checks and rasterisation --------------------------------------------------------------------
-def check_inside(path: str | Path, polygons: Iterable[Polygon], width: int, height: int,
-                 tolerance: float = 0.01) -> None:
+def check_inside(
+    path: str | Path, polygons: Iterable[Polygon], width: int, height: int, tolerance: float = 0.01
+) -> None:
     """InputError if a polygon reaches outside the slide (beyond a small relative tolerance).
 
     Vertices far outside usually mean the annotation belongs to another slide or another level.
@@ -196,9 +204,12 @@ def check_inside(path: str | Path, polygons: Iterable[Polygon], width: int, heig
     for i, poly in enumerate(polygons):
         x0, y0, x1, y1 = poly.bounds()
         if x0 < -tol_x or y0 < -tol_y or x1 > width + tol_x or y1 > height + tol_y:
-            raise InputError(path, f"annotation {poly.name or i!r} (group {poly.group!r}) spans "
-                                   f"x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}, outside the "
-                                   f"{width}×{height} slide")
+            raise InputError(
+                path,
+                f"annotation {poly.name or i!r} (group {poly.group!r}) spans "
+                f"x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}, outside the "
+                f"{width}×{height} slide",
+            )
 
 
 def select(polygons: Iterable[Polygon], groups: Iterable[str]) -> list[Polygon]:
@@ -206,8 +217,9 @@ def select(polygons: Iterable[Polygon], groups: Iterable[str]) -> list[Polygon]:
     return [p for p in polygons if p.group in wanted]
 
 
-def rasterize(polygons: Sequence[Polygon], shape: tuple[int, int], cell: float,
-              exclude: Sequence[Polygon] = ()) -> np.ndarray:
+def rasterize(
+    polygons: Sequence[Polygon], shape: tuple[int, int], cell: float, exclude: Sequence[Polygon] = ()
+) -> np.ndarray:
     """Boolean mask (rows, cols) = shape where cell (r, c) covers level-0 [c*cell, (c+1)*cell) × [r*cell, …).
 
     A cell is inside a polygon when its centre is inside the exterior ring and outside every hole
@@ -247,7 +259,7 @@ def _scanline_fill(rings: Sequence[np.ndarray], cell: float, r0: int, r1: int, c
     """
     a = np.concatenate([r for r in rings])
     b = np.concatenate([np.roll(r, -1, axis=0) for r in rings])
-    ya, yb = a[:, 1] / cell - 0.5, b[:, 1] / cell - 0.5          # in row-centre units
+    ya, yb = a[:, 1] / cell - 0.5, b[:, 1] / cell - 0.5  # in row-centre units
     lo, hi = np.minimum(ya, yb), np.maximum(ya, yb)
     start = np.clip(np.ceil(lo), r0, r1).astype(np.int64)
     stop = np.clip(np.ceil(hi), r0, r1).astype(np.int64)
@@ -255,7 +267,7 @@ def _scanline_fill(rings: Sequence[np.ndarray], cell: float, r0: int, r1: int, c
     edge = np.repeat(np.arange(len(a)), n)
     row = start[edge] + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
     t = (row - ya[edge]) / (yb[edge] - ya[edge])
-    xcol = (a[edge, 0] + t * (b[edge, 0] - a[edge, 0])) / cell - 0.5   # in column-centre units
+    xcol = (a[edge, 0] + t * (b[edge, 0] - a[edge, 0])) / cell - 0.5  # in column-centre units
     order = np.lexsort((xcol, row))
     row, xcol = row[order], xcol[order]
     first = np.clip(np.ceil(xcol[0::2]), c0, c1).astype(np.int64) - c0

@@ -9,6 +9,7 @@ optional worker processes) → reject white/black/blurred patches → stream int
 (`medflow.core.shards.ShardWriter`) from a writer thread while the next batch decodes.
 Skip-if-up-to-date, ``--force``, ``on_error`` and atomic outputs: `medflow.extract.job`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,17 @@ def input_files(entry: ImageEntry) -> dict[str, str]:
     return {"image": entry.image, "annotation": entry.annotation, "mask": entry.mask}
 
 
-def extract_slide(entry: ImageEntry, cfg: dict, cohort: str, out: str | Path, record_path: str | Path, *,
-                  cache_bytes: int | None = None, force: bool = False, verbose: bool = True) -> dict:
+def extract_slide(
+    entry: ImageEntry,
+    cfg: dict,
+    cohort: str,
+    out: str | Path,
+    record_path: str | Path,
+    *,
+    cache_bytes: int | None = None,
+    force: bool = False,
+    verbose: bool = True,
+) -> dict:
     """Extract one slide into ``out`` and write its record; returns the record.
 
     ``cache_bytes`` sets OpenSlide's tile cache (0 disables it; None keeps the default), for
@@ -48,8 +58,15 @@ def extract_slide(entry: ImageEntry, cfg: dict, cohort: str, out: str | Path, re
     def extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict) -> None:
         _extract(target, cfg, rec, inputs, cache_bytes)
 
-    return job_mod.run(target, cfg, lambda: input_files(entry), extract, params={"manifest_mpp": entry.mpp},
-                       force=force, verbose=verbose)
+    return job_mod.run(
+        target,
+        cfg,
+        lambda: input_files(entry),
+        extract,
+        params={"manifest_mpp": entry.mpp},
+        force=force,
+        verbose=verbose,
+    )
 
 
 def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> tissue.TissueMask:
@@ -64,8 +81,10 @@ def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> t
         except openslide.OpenSlideError as exc:
             raise InputError(entry.image, f"decode error while building the tissue mask ({exc})") from None
     if not tm.mask.any():
-        raise InputError(entry.mask or entry.image, f"no tissue found (threshold {tm.threshold:.1f} on "
-                                                    f"{tcfg['channel']}; adjust wsi.tissue or supply a mask)")
+        raise InputError(
+            entry.mask or entry.image,
+            f"no tissue found (threshold {tm.threshold:.1f} on {tcfg['channel']}; adjust wsi.tissue or supply a mask)",
+        )
     return tm
 
 
@@ -77,8 +96,9 @@ def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, ca
         if cache_bytes is not None:
             slide.set_cache(openslide.OpenSlideCache(cache_bytes))
         mpp0, mpp_source = level0_mpp(slide, entry, cfg, target.cohort)
-        plan = choose_level(slide.level_downsamples, mpp0, wsi_cfg["mpp"], wsi_cfg["patch_size"],
-                            wsi_cfg["mpp_tolerance"], entry.image)
+        plan = choose_level(
+            slide.level_downsamples, mpp0, wsi_cfg["mpp"], wsi_cfg["patch_size"], wsi_cfg["mpp_tolerance"], entry.image
+        )
     dims: tuple[int, int] = slide.dimensions
     with rec.timed("mask"):
         tm = _tissue_mask(slide, entry, mpp0, wsi_cfg)
@@ -93,32 +113,54 @@ def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, ca
         cand = sample(labels, cov, dims, plan, wsi_cfg, slide_rng(cfg, entry.image_id), n_classes)
     if cand.total == 0:
         raise InputError(entry.image, "no patch meets the tissue/label thresholds (wsi.labels, wsi.tissue)")
-    attrs = {**job_mod.base_attrs(target, cfg, inputs, rec["config_hash"]),
-             **_geometry_attrs(plan, mpp_source, tm)}
+    attrs = {**job_mod.base_attrs(target, cfg, inputs, rec["config_hash"]), **_geometry_attrs(plan, mpp_source, tm)}
     _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes)
     slide.close()
     rec["wsi"] = {**_wsi_summary(plan, mpp_source, tm, cand), "unsampled_groups": ann.other_groups}
-    print(f"extract-wsi {entry.image_id}: {plan.mpp:.3f} µm/px (level {plan.level}"
-          f"{', resampled' if plan.resample else ''})")
+    print(
+        f"extract-wsi {entry.image_id}: {plan.mpp:.3f} µm/px (level {plan.level}"
+        f"{', resampled' if plan.resample else ''})"
+    )
 
 
 def _geometry_attrs(plan: ReadPlan, mpp_source: str, tm: tissue.TissueMask) -> dict[str, Any]:
-    return {"patch_size": plan.patch_size, "channels": 3, "mpp": plan.mpp, "level": plan.level,
-            "downsample": plan.level_downsample, "read_size": plan.read_size, "level0_mpp": plan.level0_mpp,
-            "mpp_source": mpp_source, "resampling": "lanczos" if plan.resample else "none",
-            "tissue_threshold": tm.threshold}
+    return {
+        "patch_size": plan.patch_size,
+        "channels": 3,
+        "mpp": plan.mpp,
+        "level": plan.level,
+        "downsample": plan.level_downsample,
+        "read_size": plan.read_size,
+        "level0_mpp": plan.level0_mpp,
+        "mpp_source": mpp_source,
+        "resampling": "lanczos" if plan.resample else "none",
+        "tissue_threshold": tm.threshold,
+    }
 
 
-def _read_and_write(target: job_mod.Target, cfg: dict, slide: Any, plan: ReadPlan, cand: Candidates,
-                    attrs: dict, rec: JobRecord, cache_bytes: int | None) -> None:
+def _read_and_write(
+    target: job_mod.Target,
+    cfg: dict,
+    slide: Any,
+    plan: ReadPlan,
+    cand: Candidates,
+    attrs: dict,
+    rec: JobRecord,
+    cache_bytes: int | None,
+) -> None:
     """Read the candidates into the shard (atomically), recording read/write timings and rejects."""
     # The pool is forked before the writer thread and the HDF5 file exist.
     source = PatchSource(target.entry.image, slide, plan, cfg["wsi"]["workers"], cache_bytes)
     try:
         t0 = time.perf_counter()
-        with ShardWriter(target.shard, (plan.patch_size, plan.patch_size, 3), "uint8", attrs,
-                         chunk_patches=cfg["shards"]["chunk_patches"],
-                         compression=cfg["shards"]["compression"]) as writer:
+        with ShardWriter(
+            target.shard,
+            (plan.patch_size, plan.patch_size, 3),
+            "uint8",
+            attrs,
+            chunk_patches=cfg["shards"]["chunk_patches"],
+            compression=cfg["shards"]["compression"],
+        ) as writer:
             sink = BackgroundWriter(writer)
             try:
                 kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink)
@@ -126,8 +168,9 @@ def _read_and_write(target: job_mod.Target, cfg: dict, slide: Any, plan: ReadPla
                 t_read = time.perf_counter() - t0
                 sink.close()
             if writer.n == 0:
-                raise InputError(target.entry.image, "every candidate patch was rejected as white/black/blurred "
-                                                     "(wsi.quality)")
+                raise InputError(
+                    target.entry.image, "every candidate patch was rejected as white/black/blurred (wsi.quality)"
+                )
             writer.attrs["timings_s"] = {**rec["timings_s"], "read": t_read}
             t_close = time.perf_counter()
         close_s = time.perf_counter() - t_close
@@ -142,10 +185,19 @@ def _read_and_write(target: job_mod.Target, cfg: dict, slide: Any, plan: ReadPla
 
 
 def _wsi_summary(plan: ReadPlan, mpp_source: str, tm: tissue.TissueMask, cand: Candidates) -> dict[str, Any]:
-    return {"level": plan.level, "downsample": plan.level_downsample, "read_size": plan.read_size,
-            "patch_size": plan.patch_size, "mpp": plan.mpp, "level0_mpp": plan.level0_mpp,
-            "mpp_source": mpp_source, "resampled": plan.resample, "tissue_fraction": tm.fraction,
-            "tissue_threshold": tm.threshold, "candidates": cand.total}
+    return {
+        "level": plan.level,
+        "downsample": plan.level_downsample,
+        "read_size": plan.read_size,
+        "patch_size": plan.patch_size,
+        "mpp": plan.mpp,
+        "level0_mpp": plan.level0_mpp,
+        "mpp_source": mpp_source,
+        "resampled": plan.resample,
+        "tissue_fraction": tm.fraction,
+        "tissue_threshold": tm.threshold,
+        "candidates": cand.total,
+    }
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

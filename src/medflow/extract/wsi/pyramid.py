@@ -3,6 +3,7 @@
 Each level is a top-level IFD (OpenSlide ignores SubIFD levels; `subfiletype=1` marks reduced
 levels), and the resolution tags in CENTIMETER give ``openslide.mpp-x/y``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,9 @@ import numpy as np
 from ...core import fsio
 
 
-def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float, tile: int = 256,
-                       compression: str = "deflate", min_size: int = 256) -> int:
+def write_pyramid_tiff(
+    path: str | Path, rgb: np.ndarray, mpp: float, tile: int = 256, compression: str = "deflate", min_size: int = 256
+) -> int:
     """Write ``rgb`` (H,W,3 uint8) as a tiled pyramidal TIFF that OpenSlide opens with all levels.
 
     Levels are 2× box-filtered reductions, each a top-level IFD (SubIFDs would be ignored by
@@ -35,7 +37,15 @@ def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float, tile: int 
         with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tif:
             for i, level in enumerate(levels):
                 px_per_cm = 10_000.0 / (mpp * 2**i)
-                tif.write(level, tile=(tile, tile), compression=codec, compressionargs=codec_args, photometric="rgb",
-                          subfiletype=1 if i else 0, resolution=(px_per_cm, px_per_cm),
-                          resolutionunit="CENTIMETER", metadata=None)
+                tif.write(
+                    level,
+                    tile=(tile, tile),
+                    compression=codec,
+                    compressionargs=codec_args,
+                    photometric="rgb",
+                    subfiletype=1 if i else 0,
+                    resolution=(px_per_cm, px_per_cm),
+                    resolutionunit="CENTIMETER",
+                    metadata=None,
+                )
     return len(levels)

@@ -1,5 +1,6 @@
 """Reading patches at OpenSlide's decode rate: optional forked reader processes decoding into shared
 memory, a background thread appending to the shard, and the quota-filling loop with quality rejects."""
+
 from __future__ import annotations
 
 import collections
@@ -23,7 +24,7 @@ from .quality import quality_ok
 from .sampling import Candidates
 from .slide import ReadPlan, RegionReader
 
-READ_BATCH = 64            # patches per read batch handed to the writer
+READ_BATCH = 64  # patches per read batch handed to the writer
 
 
 _WORKER: dict[str, Any] = {}
@@ -42,9 +43,9 @@ def _worker_init(path: str, plan: ReadPlan, cache_bytes: int | None, slots: np.n
 def _worker_read(slot: int, coords: np.ndarray) -> tuple[int, str | None]:
     """Decode ``coords`` into shared slot ``slot``; only the slot number and any problem travel back."""
     try:
-        _WORKER["reader"].read(coords, out=_WORKER["slots"][slot, :len(coords)])
+        _WORKER["reader"].read(coords, out=_WORKER["slots"][slot, : len(coords)])
         return slot, None
-    except InputError as exc:       # InputError does not pickle (two-argument constructor)
+    except InputError as exc:  # InputError does not pickle (two-argument constructor)
         return slot, exc.problem
 
 
@@ -53,8 +54,7 @@ class PatchSource:
     OpenSlide handle) that decode straight into slots of an anonymous shared mapping (no pickling of
     pixels); at most 2 batches per worker are in flight and batches come back in order."""
 
-    def __init__(self, path: str | Path, slide: Any, plan: ReadPlan, workers: int,
-                 cache_bytes: int | None = None):
+    def __init__(self, path: str | Path, slide: Any, plan: ReadPlan, workers: int, cache_bytes: int | None = None):
         self.path, self.plan, self.workers = str(path), plan, workers
         self.reader = RegionReader(slide, plan, path)
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
@@ -64,11 +64,14 @@ class PatchSource:
             self._mmap = mmap.mmap(-1, n_slots * READ_BATCH * p * p * 3)
             self.slots = np.frombuffer(self._mmap, dtype=np.uint8).reshape(n_slots, READ_BATCH, p, p, 3)
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("fork"),
-                initializer=_worker_init, initargs=(self.path, plan, cache_bytes, self.slots))
+                workers,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_worker_init,
+                initargs=(self.path, plan, cache_bytes, self.slots),
+            )
 
     def batches(self, coords: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        chunks = [coords[i:i + READ_BATCH] for i in range(0, len(coords), READ_BATCH)]
+        chunks = [coords[i : i + READ_BATCH] for i in range(0, len(coords), READ_BATCH)]
         if self.pool is None:
             for chunk in chunks:
                 yield chunk, self.reader.read(chunk)
@@ -85,7 +88,7 @@ class PatchSource:
                 raise InputError(self.path, "a reader process died (crash in the slide decoder?)") from None
             if problem is not None:
                 raise InputError(self.path, problem)
-            patches = self.slots[slot, :len(chunk)].copy()    # the writer thread keeps it; the slot is reused
+            patches = self.slots[slot, : len(chunk)].copy()  # the writer thread keeps it; the slot is reused
             if (nxt := next(todo, None)) is not None:
                 in_flight.append((nxt, self.pool.submit(_worker_read, slot, nxt)))
             yield chunk, patches
@@ -95,7 +98,7 @@ class PatchSource:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
             del self.slots
-            with contextlib.suppress(BufferError):   # a view may still be referenced: freed with it
+            with contextlib.suppress(BufferError):  # a view may still be referenced: freed with it
                 self._mmap.close()
 
 
@@ -133,26 +136,27 @@ class BackgroundWriter:
             raise self._error
 
 
-def read_into(source: PatchSource, cand: Candidates, quality_cfg: dict,
-              sink: BackgroundWriter) -> tuple[dict[int, int], int]:
+def read_into(
+    source: PatchSource, cand: Candidates, quality_cfg: dict, sink: BackgroundWriter
+) -> tuple[dict[int, int], int]:
     """Fill each class's quota from its candidates, in rounds: read the next ones in slide order,
     drop quality rejects, replace them from the spares. Returns (accepted per class, patches read)."""
-    taken = {c: 0 for c in cand.coords}       # candidates consumed per class
+    taken = {c: 0 for c in cand.coords}  # candidates consumed per class
     kept = {c: 0 for c in cand.coords}
     while True:
         want = {c: min(cand.quota[c] - kept[c], len(cand.coords[c]) - taken[c]) for c in cand.coords}
         if sum(want.values()) <= 0:
             return kept, sum(taken.values())
-        parts = [(cand.coords[c][taken[c]:taken[c] + n], c) for c, n in want.items() if n > 0]
+        parts = [(cand.coords[c][taken[c] : taken[c] + n], c) for c, n in want.items() if n > 0]
         coords = np.concatenate([p for p, _ in parts])
         labels = np.concatenate([np.full(len(p), c, dtype=np.int64) for p, c in parts])
         for c, n in want.items():
             taken[c] += max(n, 0)
-        order = np.lexsort((coords[:, 0], coords[:, 1]))    # row-major: neighbours share tiles
+        order = np.lexsort((coords[:, 0], coords[:, 1]))  # row-major: neighbours share tiles
         coords, labels = coords[order], labels[order]
         offset = 0
         for chunk, patches in source.batches(coords):
-            lab = labels[offset:offset + len(chunk)]
+            lab = labels[offset : offset + len(chunk)]
             offset += len(chunk)
             ok = quality_ok(patches, quality_cfg)
             if not ok.all():

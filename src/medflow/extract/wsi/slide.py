@@ -1,4 +1,5 @@
 """Slide access: open with OpenSlide, level-0 µm/px, the read plan for a target µm/px, fast region reads."""
+
 from __future__ import annotations
 
 import ctypes
@@ -58,6 +59,7 @@ def level0_mpp(slide: Any, entry: ImageEntry, cfg: dict, cohort: str) -> tuple[f
 @dataclass(frozen=True)
 class ReadPlan:
     """How patches are read: ``read_size``² pixels at ``level``, resized to ``patch_size``² when they differ."""
+
     level: int
     level_downsample: float
     level0_mpp: float
@@ -83,12 +85,21 @@ class ReadPlan:
         return self.read_size * self.level_downsample
 
 
-def choose_level(downsamples: Sequence[float], mpp0: float, target: float, patch_size: int,
-                 tolerance: float, path: str | Path = "slide") -> ReadPlan:
+def choose_level(
+    downsamples: Sequence[float],
+    mpp0: float,
+    target: float,
+    patch_size: int,
+    tolerance: float,
+    path: str | Path = "slide",
+) -> ReadPlan:
     """Coarsest level whose mpp ≤ target (within ``tolerance``, relative); resample when not within it."""
     if target < mpp0 * (1 - tolerance):
-        raise InputError(path, f"requested mpp impossible: {target} µm/px is finer than level 0 "
-                               f"({mpp0:.4f} µm/px) beyond the tolerance {tolerance}")
+        raise InputError(
+            path,
+            f"requested mpp impossible: {target} µm/px is finer than level 0 "
+            f"({mpp0:.4f} µm/px) beyond the tolerance {tolerance}",
+        )
     best = 0
     for i, ds in enumerate(downsamples):
         if mpp0 * ds <= target * (1 + tolerance):
@@ -119,6 +130,7 @@ class RegionReader:
         self._fast = None
         try:
             from openslide import _convert, lowlevel
+
             ptr = self._buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
             self._fast = (lowlevel._read_region, slide._osr, ptr, _convert.argb2rgba)
         except (ImportError, AttributeError):

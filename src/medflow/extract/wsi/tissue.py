@@ -5,6 +5,7 @@ tiles (bounded memory even for a single-level gigapixel TIFF), box-reduced by an
 Transparent pixels (regions the scanner skipped) are background. The result is a ``TissueMask``:
 a boolean array and its cell size in level-0 pixels.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,16 +19,16 @@ from scipy import ndimage
 
 from ...core.errors import InputError
 
-_READ_TILE = 2048   # level pixels per tile read when building the low-resolution image
+_READ_TILE = 2048  # level pixels per tile read when building the low-resolution image
 Image.MAX_IMAGE_PIXELS = None  # user masks of big slides are legitimately large
 
 
 @dataclass
 class TissueMask:
-    mask: np.ndarray         # (rows, cols) bool
-    cell: float              # level-0 pixels per mask pixel (x and y)
-    threshold: float         # the threshold used (0..255), NaN for user masks
-    level: int               # pyramid level read (-1: the scanner's thumbnail or a user mask)
+    mask: np.ndarray  # (rows, cols) bool
+    cell: float  # level-0 pixels per mask pixel (x and y)
+    threshold: float  # the threshold used (0..255), NaN for user masks
+    level: int  # pyramid level read (-1: the scanner's thumbnail or a user mask)
 
     @property
     def fraction(self) -> float:
@@ -47,19 +48,20 @@ def thumbnail(slide: Any, downsample: float) -> tuple[np.ndarray, np.ndarray, fl
     lw, lh = slide.level_dimensions[level]
     out_w, out_h = max(1, lw // factor), max(1, lh // factor)
     rgba = np.zeros((out_h, out_w, 4), dtype=np.uint8)
-    step = max(factor, (_READ_TILE // factor) * factor)   # tile edge, a multiple of factor
+    step = max(factor, (_READ_TILE // factor) * factor)  # tile edge, a multiple of factor
     for ty in range(0, out_h * factor, step):
         for tx in range(0, out_w * factor, step):
             w, h = min(step, out_w * factor - tx), min(step, out_h * factor - ty)
             tile = slide.read_region((int(round(tx * level_ds)), int(round(ty * level_ds))), level, (w, h))
             if factor > 1:
                 tile = tile.reduce(factor)
-            rgba[ty // factor: ty // factor + tile.height, tx // factor: tx // factor + tile.width] = np.asarray(tile)
+            rgba[ty // factor : ty // factor + tile.height, tx // factor : tx // factor + tile.width] = np.asarray(tile)
     return rgba[..., :3], rgba[..., 3] > 0, level_ds * factor, level
 
 
-def _associated_thumbnail(slide: Any, downsample: float,
-                          tolerance: float = 0.01) -> tuple[np.ndarray, np.ndarray, float, int] | None:
+def _associated_thumbnail(
+    slide: Any, downsample: float, tolerance: float = 0.01
+) -> tuple[np.ndarray, np.ndarray, float, int] | None:
     """The scanner's whole-slide thumbnail (e.g. Aperio), when no pyramid level is coarse enough.
 
     Used only if it covers exactly the level-0 image (same aspect ratio within ``tolerance``) and is
@@ -106,7 +108,7 @@ def otsu_threshold(values: np.ndarray) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (mean_all * w0 / total - m0) ** 2 / (w0 * w1 / total)
     between[~np.isfinite(between)] = -1
-    if between.max() <= 0:          # a single grey level: no foreground at all
+    if between.max() <= 0:  # a single grey level: no foreground at all
         return float(values.max())
     # With well-separated modes every level between them is optimal: take the middle of that plateau.
     best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
@@ -126,12 +128,11 @@ def _disk(radius_px: float) -> np.ndarray | None:
     r = int(round(radius_px))
     if r < 1:
         return None
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return xx * xx + yy * yy <= r * r
 
 
-def clean(mask: np.ndarray, cell_um: float, closing_um: float, opening_um: float,
-          min_region_um2: float) -> np.ndarray:
+def clean(mask: np.ndarray, cell_um: float, closing_um: float, opening_um: float, min_region_um2: float) -> np.ndarray:
     """Close small gaps, open away specks, drop connected regions smaller than ``min_region_um2``."""
     disk = _disk(closing_um / cell_um / 2)
     if disk is not None:
@@ -160,8 +161,9 @@ def otsu_mask(slide: Any, level0_mpp: float, tissue_cfg: dict) -> TissueMask:
     else:
         threshold = max(otsu_threshold(values[opaque]), float(tissue_cfg["min_threshold"]))
     mask = (values > threshold) & opaque
-    mask = clean(mask, cell * level0_mpp, tissue_cfg["closing_um"], tissue_cfg["opening_um"],
-                 tissue_cfg["min_region_um2"])
+    mask = clean(
+        mask, cell * level0_mpp, tissue_cfg["closing_um"], tissue_cfg["opening_um"], tissue_cfg["min_region_um2"]
+    )
     return TissueMask(mask=mask, cell=cell, threshold=threshold, level=level)
 
 
