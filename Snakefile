@@ -29,13 +29,26 @@ include: "workflow/rules/index.smk"
 include: "workflow/rules/folds.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/select.smk"
+include: "workflow/rules/refit.smk"
 include: "workflow/rules/predict_hsi.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/bench.smk"
 
 
+check_study_plans()
+
+
 onstart:
+    hold_results_lock()
     write_effective_config()
+
+
+onsuccess:
+    release_results_lock()
+
+
+onerror:
+    release_results_lock()
 
 
 rule all:

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -293,12 +294,16 @@ def test_killed_job_resumes_to_identical_weights(cohort, single_run, tmp_path):
 
 def test_rerun_of_finished_job_replaces_outputs_only_on_success(cohort, single_run, tmp_path):
     out = tmp_path / "job"
-    out.mkdir()
-    (out / "record.json").write_text('{"status": "ok"}')  # a stale record of an earlier run
+    shutil.copytree(single_run, out)  # the good outputs of an earlier run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"}
+    (out / "checkpoint.pt").unlink()  # so the rerun trains (and is killed) for real
     bad = _run_cli(["train", *_args(cohort, out)[1:-2], "--inner", "7"])
     assert bad.returncode == 2 and "inner fold 7" in bad.stderr
     killed = _run_cli(_args(cohort, out), env=fault_env(MEDFLOW_TEST_KILL_AFTER_EPOCH="0"))
-    assert killed.returncode == -9 and not (out / "record.json").exists()
+    assert killed.returncode == -9 and (out / "checkpoint.pt").exists()
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"}
+    assert after == before  # a failed or killed rerun leaves them byte-identical
+    assert not list(out.glob(".*.tmp-*"))
 
 
 def test_unknown_study_is_one_line_input_error(cohort, tmp_path, capsys):

@@ -3,20 +3,39 @@
 # file is written by the Snakefile's onstart handler, only when jobs really run).
 import os
 import shlex
+import sys
 from functools import cache
 from pathlib import Path
 
 import yaml
 
 import medflow.core.config
+import medflow.core.errors
 import medflow.core.fsio
+import medflow.core.lock
 import medflow.core.manifest
 import medflow.core.provenance
 import medflow.extract.job
+import medflow.train.splits
+
+
+
+def stop(exc: Exception) -> None:
+    """Bad config or input found while building the DAG: one line, exit 2 (as every medflow command)."""
+    print(f"medflow: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
 
 # The one validation of this process: unknown keys and wrong types stop the run before any job, naming
-# the key; defaults (inside $refs too) are filled exactly as every `medflow` command fills them.
-medflow.core.config.validate(config, "config")
+# the key; defaults (inside $refs too) are filled exactly as every `medflow` command fills them. The
+# config files are re-read strictly (YAML would let a duplicated key silently win).
+try:
+    for _file in getattr(workflow, "configfiles", []) or []:
+        medflow.core.config.read_yaml(_file)
+    medflow.core.config.validate(config, "config")
+    medflow.core.config.check_studies(config)
+except medflow.core.errors.InputError as _exc:
+    stop(_exc)
 
 SITE = medflow.core.provenance.site_name(config)
 RES = f"{config['results']}/{SITE}"
@@ -24,9 +43,6 @@ CONFIG_FILE = f"{RES}/config.yaml"
 CONTAINER = config["container"] or None
 COHORTS = config["cohorts"]
 STUDIES = config["studies"]
-for _study, _spec in STUDIES.items():
-    if _spec["cohort"] not in COHORTS:
-        raise ValueError(f"config: studies.{_study}.cohort {_spec['cohort']!r} is not a cohort {sorted(COHORTS)}")
 
 # Manifests that a rule of this workflow writes (the demo, workflow/rules/demo.smk): path → planned rows,
 # so the DAG can be built before they exist. Every other manifest is read from disk.
@@ -39,6 +55,24 @@ def write_effective_config() -> None:
     text = yaml.safe_dump(config, sort_keys=False)
     if not os.path.exists(CONFIG_FILE) or open(CONFIG_FILE).read() != text:
         medflow.core.fsio.write_text(CONFIG_FILE, text)
+
+
+_RESULTS_LOCK = []  # the lock this run holds (at most one)
+
+
+def hold_results_lock() -> None:
+    """Called by the Snakefile's onstart handler (never in a dry run): one run per results directory,
+    across working directories and hosts (medflow.core.lock); a second run stops here, naming the holder."""
+    try:
+        _RESULTS_LOCK.append(medflow.core.lock.acquire(RES, "snakemake " + " ".join(sys.argv[1:])))
+    except medflow.core.lock.LockHeld as exc:
+        print(f"medflow: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def release_results_lock() -> None:
+    while _RESULTS_LOCK:
+        _RESULTS_LOCK.pop().release()
 
 
 def extraction_hash(kind: str, cohort: str) -> str:
@@ -84,6 +118,17 @@ def outer_folds(study: str) -> list[int]:
 
 def inner_folds() -> list[int]:
     return list(range(config["folds"]["inner"]))
+
+
+def check_study_plans() -> None:
+    """Called once every rule file is included (the demo's planned manifests known): every study's fold
+    plan must be possible for its cohort's number of patients — found now, not after extraction."""
+    try:
+        for study, spec in STUDIES.items():
+            patients = {e.patient_id for e in cohort_entries(spec["cohort"])}
+            medflow.train.splits.check_patients(len(patients), config["folds"], spec["cohort"])
+    except medflow.core.errors.InputError as exc:
+        stop(exc)
 
 
 def mpi_launcher() -> str:

@@ -9,7 +9,7 @@ if _HSI_COHORTS:
         input:
             lambda wc: cohort_entry(wc.cohort, wc.image_id).files(),
         output:
-            record=f"{RES}/shards/{{cohort}}/{{image_id}}.record.json",
+            record=update(f"{RES}/shards/{{cohort}}/{{image_id}}.record.json"),
         wildcard_constraints:
             cohort="|".join(_HSI_COHORTS),
         params:

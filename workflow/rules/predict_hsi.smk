@@ -9,7 +9,7 @@ if _HSI_STUDIES:
             folds=f"{RES}/folds/{{study}}.json",
             model=f"{RES}/runs/{{study}}/outer{{outer}}/model.pt",
         output:
-            record=f"{RES}/runs/{{study}}/outer{{outer}}/maps/record.json",
+            record=update(f"{RES}/runs/{{study}}/outer{{outer}}/maps/record.json"),
         wildcard_constraints:
             study="|".join(_HSI_STUDIES),
         params:

@@ -9,14 +9,36 @@ def all_run_records(wc=None) -> list[str]:
             files += [f"{RES}/runs/{study}/outer{outer}/inner{inner}/record.json" for inner in inner_folds()]
             if study in _HSI_STUDIES:
                 files.append(f"{RES}/runs/{study}/outer{outer}/maps/record.json")
+            if config["select"]["refit"]:
+                files.append(f"{RES}/runs/{study}/outer{outer}/refit/test/record.json")
     files += [f"{RES}/index/{cohort}.json" for cohort in COHORTS]
     files += [f"{RES}/folds/{study}.json" for study in STUDIES]
     return files
 
 
+# The audit of everything above (medflow.report.verify); problems are recorded, and the report states them.
+rule verify:
+    input:
+        all_run_records,
+    output:
+        f"{RES}/verify.json",
+    params:
+        rehash="" if config["verify"]["rehash"] else "--no-rehash",
+    log:
+        f"{RES}/logs/verify.log",
+    container: CONTAINER
+    resources:
+        cpus_per_task=1,
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "medflow verify {RES} --config {CONFIG_FILE} --out {output} --record-only {params.rehash} > {log} 2>&1"
+
+
 rule summarize:
     input:
         all_run_records,
+        f"{RES}/verify.json",
     output:
         report(f"{RES}/summary.json", caption="../report/summary.rst", category="Records"),
     log:

@@ -7,9 +7,9 @@ rule select:
         folds=f"{RES}/folds/{{study}}.json",
         inner=lambda wc: expand(f"{RES}/runs/{wc.study}/outer{wc.outer}/inner{{inner}}/record.json", inner=inner_folds()),
     output:
-        record=f"{RES}/runs/{{study}}/outer{{outer}}/record.json",
-        model=f"{RES}/runs/{{study}}/outer{{outer}}/model.pt",
-        predictions=f"{RES}/runs/{{study}}/outer{{outer}}/predictions.npz",
+        record=update(f"{RES}/runs/{{study}}/outer{{outer}}/record.json"),
+        model=update(f"{RES}/runs/{{study}}/outer{{outer}}/model.pt"),
+        predictions=update(f"{RES}/runs/{{study}}/outer{{outer}}/predictions.npz"),
     wildcard_constraints:
         study="|".join(STUDIES),
     params:

@@ -1,6 +1,8 @@
 # One data-parallel training job per (study, outer, inner) fold: N ranks under mpiexec (local) or srun (SLURM).
-# checkpoint.pt is deliberately not an output: Snakemake deletes outputs before a rerun, and a requeued or
-# rerun job must find its checkpoint to resume.
+# Outputs are update(): Snakemake neither deletes them before a rerun nor keeps a failed job's (it restores
+# the previous ones), and the job replaces them atomically only when it succeeds — a failing rerun never
+# destroys good results (the same for every job that writes a record). checkpoint.pt is not an output: a
+# requeued or rerun job resumes from it when its identity (config, fold, patients, shard digests) matches.
 # One rank runs without a launcher (the SLURM plugin rejects MPI jobs of one task). srun no longer passes the
 # job's --cpus-per-task on to its steps, hence SRUN_CPUS_PER_TASK (mpiexec ignores it).
 _LAUNCH = config["launch"]
@@ -17,9 +19,9 @@ rule train:
         index=study_index,
         folds=f"{RES}/folds/{{study}}.json",
     output:
-        record=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/record.json",
-        model=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/model.pt",
-        curves=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/curves.csv",
+        record=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/record.json"),
+        model=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/model.pt"),
+        curves=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/curves.csv"),
     wildcard_constraints:
         study="|".join(STUDIES),
     params:

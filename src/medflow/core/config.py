@@ -61,19 +61,70 @@ def validate(cfg: dict, source: str | Path | None = "config") -> dict:
     return cfg
 
 
-def load(path: str | Path) -> dict:
-    """Read a YAML config file, validate it and fill defaults."""
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error, not "last one wins"."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML document read strictly (duplicate keys rejected); InputError naming the file otherwise."""
     path = Path(path)
     try:
         with open(path) as fh:
-            cfg = yaml.safe_load(fh) or {}
+            return yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
-        raise InputError(path, "config file not found") from None
+        raise InputError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"unreadable ({exc})") from None
     except yaml.YAMLError as exc:
-        raise InputError(path, f"not valid YAML: {exc}") from None
+        raise InputError(path, f"not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def load(path: str | Path) -> dict:
+    """Read a YAML config file strictly, validate it and fill defaults."""
+    cfg = read_yaml(path) or {}
     if not isinstance(cfg, dict):
         raise InputError(path, "config must be a mapping")
     return validate(cfg, path)
+
+
+def check_studies(cfg: dict, source: str | Path = "config") -> None:
+    """What the schema cannot say about studies: the cohort exists and the positive class is one of its
+    classes (a misspelled class would silently leave sensitivity and specificity undefined)."""
+    for name, spec in cfg.get("studies", {}).items():
+        cohort = cfg.get("cohorts", {}).get(spec["cohort"])
+        if cohort is None:
+            raise InputError(
+                source,
+                f"studies.{name}.cohort: {spec['cohort']!r} is not a cohort "
+                f"(cohorts: {sorted(cfg.get('cohorts', {}))})",
+            )
+        classes = class_names(cfg, cohort["kind"])
+        if spec["positive_class"] not in classes:
+            raise InputError(
+                source,
+                f"studies.{name}.positive_class: {spec['positive_class']!r} is not a class of "
+                f"cohort {spec['cohort']!r} ({cohort['kind']} classes: {classes})",
+            )
+
+
+def class_names(cfg: dict, kind: str) -> list[str]:
+    """The classes shards of ``kind`` are labelled with."""
+    return list(cfg["wsi"]["labels"]["classes"] if kind == "wsi" else cfg["hsi"]["class_names"])
 
 
 def study(cfg: dict, name: str, source: str | Path) -> dict:

@@ -1,8 +1,11 @@
 """Atomic file output: write to a temporary name in the target directory, fsync, rename.
 
-A reader never sees a half-written file, and a failed or killed job leaves nothing behind
-(the temporary is removed on error; a SIGKILL leaves only a hidden ``.*.tmp-*`` file that the
-next run of the same job overwrites). Existing outputs are replaced only on success.
+A reader never sees a half-written file; an existing output is replaced only on success, so a
+failing job leaves the previous one byte-identical. The temporary of output ``x`` is always named
+``.x.tmp-<random>``: it is removed on error, and a job killed with SIGKILL leaves one behind that the
+next write of ``x`` finds and removes (``leftovers``). Each output has one writer at a time (one
+Snakemake job; the results-directory lock keeps a second run out), so those leftovers can only
+belong to earlier, killed runs.
 """
 
 from __future__ import annotations
@@ -18,13 +21,38 @@ from typing import Any
 
 from .errors import InputError
 
+TMP_INFIX = ".tmp-"
+
+
+def leftovers(final: str | Path) -> list[Path]:
+    """Temporaries of ``final`` left by earlier runs that were killed while writing it."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    return sorted(final.parent.glob(f".{glob_escape(final.name)}{TMP_INFIX}*"))
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def remove_leftovers(final: str | Path) -> int:
+    """Remove the temporaries of earlier killed writes of ``final``; returns how many."""
+    removed = 0
+    for path in leftovers(final):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success fsync and rename it to ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    remove_leftovers(final)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}{TMP_INFIX}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

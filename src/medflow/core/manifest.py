@@ -7,6 +7,7 @@ there is no implicit cohort: the demo writes real manifests too (``medflow synth
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ def read_manifest(path: str | Path) -> list[ImageEntry]:
             mpp = float(mpp_text) if mpp_text else None
         except ValueError:
             raise InputError(path, f"line {line}: mpp {mpp_text!r} is not a number") from None
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            raise InputError(path, f"line {line}: mpp {mpp_text!r} must be a finite number > 0 (µm per pixel)")
         resolved = {k: _resolve(path, row.get(k)) for k in ("image", "annotation", "white", "dark", "mask")}
         if not resolved["image"]:
             raise InputError(path, f"line {line}: empty image path")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -146,22 +144,3 @@ def open_shard(path: str | Path) -> h5py.File:
         h5.close()
         raise InputError(path, f"not a medflow shard (format {fmt!r})")
     return h5
-
-
-def shard_summary(path: str | Path) -> dict[str, Any]:
-    """What the cohort index says about one shard."""
-    with open_shard(path) as h5:
-        attrs = read_attrs(h5)
-        labels = h5["labels"][:]
-    names = attrs["class_names"]
-    counts = Counter(int(x) for x in labels)
-    return {
-        "image_id": attrs["image_id"],
-        "patient_id": attrs["patient_id"],
-        "n": int(len(labels)),
-        "counts": {names[i]: int(counts.get(i, 0)) for i in range(len(names))},
-        "class_names": names,
-        "kind": attrs["kind"],
-        "bytes": os.path.getsize(path),
-        "sha256": fsio.sha256_file(path),
-    }

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from ..core import config as config_mod
 from ..core import fsio
 from ..core.errors import InputError
+from ..core.index import file_identity, label_counts
 from ..core.manifest import ImageEntry
 from ..core.records import JobRecord
 from ..core.shards import open_shard, read_attrs
@@ -55,10 +57,6 @@ Extract = Callable[[Target, dict, JobRecord, dict], None]
 def config_sections(kind: str, cohort: str) -> tuple[str, ...]:
     """Config sections whose change invalidates a shard of ``kind`` in ``cohort``."""
     return (kind, "shards", f"cohorts.{cohort}")
-
-
-def class_names(kind: str, cfg: dict) -> list[str]:
-    return list(cfg["wsi"]["labels"]["classes"] if kind == "wsi" else cfg["hsi"]["class_names"])
 
 
 def fingerprint(files: dict[str, str], params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -91,7 +89,7 @@ def base_attrs(target: Target, cfg: dict, inputs: dict[str, Any], config_hash: s
         "image_id": target.entry.image_id,
         "patient_id": target.entry.patient_id,
         "cohort": target.cohort,
-        "class_names": class_names(target.kind, cfg),
+        "class_names": config_mod.class_names(cfg, target.kind),
         "source_path": str(Path(target.entry.image).resolve()),
         "source_bytes": image["bytes"],
         "source_sha256": image["sha256"],
@@ -129,7 +127,7 @@ def run(
     """Run one extraction job under the contract above; returns its record. ``files()`` lists the
     input files by role (called inside the job, so a missing file is handled by ``on_error``)."""
     say = print if verbose else (lambda *a, **k: None)
-    names = class_names(target.kind, cfg)
+    names = config_mod.class_names(cfg, target.kind)
     record = JobRecord(
         target.job,
         cfg,
@@ -171,10 +169,13 @@ def run(
 
 def _finish(record: JobRecord, target: Target, labels: np.ndarray, names: list[str]) -> None:
     n = int(len(labels))
+    with record.timed("digest"):  # the shard's identity, recorded while the file is hot
+        identity = file_identity(target.shard)
     record.update(
         shard=os.path.relpath(target.shard.resolve(), target.record.resolve().parent),
+        shard_identity=identity,
         n_patches=n,
-        counts=counts(labels, names),
+        counts=label_counts(labels, names),
     )
     record.finish("ok")
     wall = float(record["wall_s"])
@@ -182,14 +183,9 @@ def _finish(record: JobRecord, target: Target, labels: np.ndarray, names: list[s
         "s_per_patch": wall / n if n else None,
         "patches_per_s": n / wall if wall else None,
         "s_per_image": wall,
-        "bytes_written": target.shard.stat().st_size,
+        "bytes_written": identity["bytes"],
     }
     record.save(target.record)
-
-
-def counts(labels: np.ndarray, names: list[str]) -> dict[str, int]:
-    per_class = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names))
-    return {name: int(per_class[i]) for i, name in enumerate(names)}
 
 
 def _reuse(record: JobRecord, attrs: dict[str, Any], target: Target, names: list[str]) -> dict:

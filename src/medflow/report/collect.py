@@ -25,7 +25,8 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def collect_records(site_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """All job records under ``site_dir``, by job type, each with ``_path`` (and fold ids from the path)."""
+    """All job records under ``site_dir``, by job type, each with ``_path`` (and fold ids from the path).
+    Refit training jobs (``runs/<study>/outer<i>/refit/``) are grouped as "refit", apart from the inner runs."""
     site_dir = Path(site_dir)
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(site_dir.glob("shards/*/*.record.json")):
@@ -43,6 +44,16 @@ def collect_records(site_dir: Path) -> dict[str, list[dict[str, Any]]]:
         rec.setdefault("study", path.parents[1].name)
         rec.setdefault("outer", _fold_number(_OUTER, path.parent.name))
         found[rec.get("job") or "select"].append(rec)
+    for path in sorted(site_dir.glob("runs/*/outer*/refit/record.json")):  # select.refit: job "train" there
+        rec = _read_record(path)
+        rec.setdefault("study", path.parents[2].name)
+        rec.setdefault("outer", _fold_number(_OUTER, path.parents[1].name))
+        found["refit"].append(rec)
+    for path in sorted(site_dir.glob("runs/*/outer*/refit/test/record.json")):
+        rec = _read_record(path)
+        rec.setdefault("study", path.parents[3].name)
+        rec.setdefault("outer", _fold_number(_OUTER, path.parents[2].name))
+        found[rec.get("job") or "test"].append(rec)
     for path in sorted(site_dir.glob("runs/*/outer*/maps/record.json")):
         rec = _read_record(path)
         rec.setdefault("study", path.parents[2].name)

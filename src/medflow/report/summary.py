@@ -23,7 +23,7 @@ from .stats import finite, mean_std, parse_time, ratio, total
 
 SUMMARY_FORMAT = "medflow-summary/1"
 EXTRACT_JOBS = ("extract-wsi", "extract-hsi")
-NESTED_CV_JOBS = ("train", "select", "predict-hsi")
+NESTED_CV_JOBS = ("train", "select", "refit", "test", "predict-hsi")
 
 
 def site_identity(records: dict[str, list[dict]], site_dir: Path) -> dict[str, Any]:
@@ -159,12 +159,15 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
             return [r for r in records.get(job, []) if str(r.get("study")) == study]
 
         trains, selects, maps = of("train"), of("select"), of("predict-hsi")
+        refits, refit_tests = of("refit"), of("test")
         trains_ok = [r for r in trains if r.get("status") == "ok"]
         selects_ok = [r for r in selects if r.get("status") == "ok"]
+        tests_ok = [r for r in refit_tests if r.get("status") == "ok"]
         first = (trains or selects or [{}])[0]
         s_epoch = mean_std(_s_per_epoch(r) for r in trains_ok)
+        nested_cv_jobs = trains + selects + refits + refit_tests + maps
         hours = {"gpu_hours": 0.0, "cpu_core_hours": 0.0}
-        for rec in trains + selects + maps:
+        for rec in nested_cv_jobs:
             add_hours(hours, device_hours(rec, cfg))
         launch = first.get("launch") or {}
         out[study] = {
@@ -183,6 +186,7 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
             "test_sensitivity": mean_std(_metric(r, "test", "sensitivity") for r in selects_ok),
             "test_specificity": mean_std(_metric(r, "test", "specificity") for r in selects_ok),
             "test_auc": mean_std(_metric(r, "test", "auc") for r in selects_ok),
+            **{f"refit_test_{m}": mean_std(_metric(r, "test", m) for r in tests_ok) for m in _REFIT_METRICS},
             "s_per_epoch": s_epoch,
             "epochs_for_time": epochs_for_time,
             "time_n_epochs_s": epochs_for_time * s_epoch["mean"] if s_epoch["mean"] is not None else None,
@@ -190,11 +194,12 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
             "train_patches": mean_std(_n_train(r) for r in trains_ok),
             "train_img_per_s": mean_std((r.get("throughput") or {}).get("train_img_per_s") for r in trains_ok),
             "load_ms_per_patch": mean_std((r.get("throughput") or {}).get("load_ms_per_patch") for r in trains_ok),
-            "nested_cv_wall_s": total(r.get("wall_s") for r in trains + selects + maps),
-            "nested_cv_elapsed_s": _elapsed_s(trains + selects + maps),
+            "nested_cv_wall_s": total(r.get("wall_s") for r in nested_cv_jobs),
+            "nested_cv_elapsed_s": _elapsed_s(nested_cv_jobs),
             **hours,
             "outer": [
-                _outer_result(r) for r in sorted(selects, key=lambda r: (r.get("outer") is None, r.get("outer")))
+                _outer_result(r, refit_tests)
+                for r in sorted(selects, key=lambda r: (r.get("outer") is None, r.get("outer")))
             ],
             "curves": [_curves_of(r) for r in sorted(trains, key=lambda r: (r.get("outer") or 0, r.get("inner") or 0))],
             "maps": [m for r in maps for m in _maps_of(r)],
@@ -207,21 +212,13 @@ def _n_train(rec: dict) -> Any:
     return n.get("train") if isinstance(n, dict) else n
 
 
-def _outer_result(rec: dict) -> dict[str, Any]:
-    test = (rec.get("metrics") or {}).get("test") or {}
+_REFIT_METRICS = ("oacc", "sensitivity", "specificity", "auc")
+
+
+def _outer_result(rec: dict, refit_tests: list[dict]) -> dict[str, Any]:
+    """One outer fold: the selected inner model's test metrics, and the refit model's when it was tested."""
     val = (rec.get("metrics") or {}).get("val") or {}
-    keep = (
-        "n",
-        "oacc",
-        "sensitivity",
-        "specificity",
-        "auc",
-        "macro_f1",
-        "confusion",
-        "class_names",
-        "positive_class",
-        "per_class_recall",
-    )
+    refit = next((r for r in refit_tests if r.get("outer") == rec.get("outer") and r.get("status") == "ok"), None)
     return {
         "outer": rec.get("outer"),
         "status": rec.get("status"),
@@ -229,9 +226,29 @@ def _outer_result(rec: dict) -> dict[str, Any]:
         "selection_metric": rec.get("selection_metric"),
         "candidates": rec.get("candidates"),
         "val": {k: val.get(k) for k in ("n", "oacc", "auc") if k in val},
-        "test": {k: test.get(k) for k in keep if k in test},
+        "test": _test_metrics(rec),
+        "refit_test": _test_metrics(refit) if refit else None,
         "wall_s": rec.get("wall_s"),
     }
+
+
+_TEST_KEYS = (
+    "n",
+    "oacc",
+    "sensitivity",
+    "specificity",
+    "auc",
+    "macro_f1",
+    "confusion",
+    "class_names",
+    "positive_class",
+    "per_class_recall",
+)
+
+
+def _test_metrics(rec: dict) -> dict[str, Any]:
+    test = (rec.get("metrics") or {}).get("test") or {}
+    return {k: test.get(k) for k in _TEST_KEYS if k in test}
 
 
 def _curves_of(rec: dict) -> dict[str, Any]:
@@ -339,11 +356,20 @@ def fold_plans(site_dir: Path) -> dict[str, dict[str, Any]]:
             "k_inner": plan.get("k_inner"),
             "patients": len(plan.get("patients") or []),
             "max_abs_deviation_outer": deviation.get("max_abs_outer"),
+            "warnings": list(plan.get("warnings") or []),
             "test_patients": {
                 int(o["index"]): list(o.get("test_patients") or []) for o in plan.get("outer") or [] if "index" in o
             },
         }
     return out
+
+
+def verification(site_dir: Path) -> dict[str, Any]:
+    """What `medflow verify` found (``verify.json``): status, checks per area, problems; "not run" without it."""
+    found = _read_optional(Path(site_dir) / "verify.json")
+    if not found or not str(found.get("format", "")).startswith("medflow-verify/"):
+        return {"status": "not run", "checked": {}, "problems": []}
+    return {key: found.get(key) for key in ("status", "when", "rehashed", "checked", "problems")}
 
 
 def bench_results(site_dir: Path) -> dict[str, Any]:
@@ -395,6 +421,7 @@ def summarize(site_dir: str | Path, cfg: dict) -> dict[str, Any]:
         "stages": stages(records),
         "energy": energy(records, cfg),
         "bench": bench_results(site_dir),
+        "verification": verification(site_dir),
     }
 
 

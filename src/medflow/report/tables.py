@@ -146,6 +146,19 @@ def _sites_table(summaries: list[dict], labels: list[str]) -> Table:
     return t
 
 
+def _verified(summary: dict) -> str:
+    """'yes' with the number of checks, or the problems (first three), or 'not run'."""
+    v = summary.get("verification") or {}
+    checks = sum((v.get("checked") or {}).values())
+    if v.get("status") == "verified":
+        return f"yes ({checks} checks{'' if v.get('rehashed') else ', shards not re-hashed'})"
+    if v.get("status") == "problems":
+        problems = v.get("problems") or []
+        shown = "; ".join(f"{p['file']}: {p['problem']}" for p in problems[:3])
+        return f"NO — {len(problems)} problem(s): {shown}" + (" …" if len(problems) > 3 else "")
+    return "not run"
+
+
 def _short_commits(value: Any) -> Any:
     """Commits as 12-hex prefixes (keeping "-dirty"): full hashes of several commits overflow the table."""
     commits = value if isinstance(value, list) else [value]
@@ -208,6 +221,7 @@ _STAT_COLUMNS = (
     "train_oacc",
     "val_oacc",
     "test_oacc",
+    "refit_test_oacc",
     "s_per_epoch",
     "train_img_per_s",
     "load_ms_per_patch",
@@ -281,6 +295,7 @@ def _nested_cv_table(summaries: list[dict], labels: list[str]) -> Table:
             "site",
             "study",
             "outer",
+            "model",
             "selected_inner",
             "selection_metric",
             "test_patients",
@@ -288,25 +303,36 @@ def _nested_cv_table(summaries: list[dict], labels: list[str]) -> Table:
             *_FOLD_METRICS,
             "positive_class",
         ],
+        note="model: 'selected' = the best inner model; 'refit' = the selected configuration retrained on the "
+        "whole outer training set (select.refit).",
     )
     for study in _union(summaries, lambda s: s["studies"]):
         for label, s in zip(labels, summaries):
             for fold in (s["studies"].get(study) or {}).get("outer", []):
-                test = fold.get("test") or {}
-                t.rows.append(
-                    [
-                        label,
-                        study,
-                        fold.get("outer"),
-                        fold.get("selected_inner"),
-                        fold.get("selection_metric"),
-                        fold.get("test_patients"),
-                        test.get("n"),
-                        *[test.get(m) for m in _FOLD_METRICS],
-                        test.get("positive_class"),
-                    ]
-                )
+                for model, test in _fold_tests(fold):
+                    t.rows.append(
+                        [
+                            label,
+                            study,
+                            fold.get("outer"),
+                            model,
+                            fold.get("selected_inner"),
+                            fold.get("selection_metric"),
+                            fold.get("test_patients"),
+                            test.get("n"),
+                            *[test.get(m) for m in _FOLD_METRICS],
+                            test.get("positive_class"),
+                        ]
+                    )
     return t
+
+
+def _fold_tests(fold: dict) -> list[tuple[str, dict]]:
+    """(model, test metrics) of an outer fold: the selected inner model, then the refit one if tested."""
+    tests = [("selected", fold.get("test") or {})]
+    if fold.get("refit_test"):
+        tests.append(("refit", fold["refit_test"]))
+    return tests
 
 
 def _energy_table(summaries: list[dict], labels: list[str]) -> Table:
@@ -367,6 +393,7 @@ def _display_sites(summaries: list[dict], labels: list[str]) -> Table:
             ),
         ),
         ("job records (ok)", lambda s: f"{s['jobs']['total']} ({s['jobs']['ok']})"),
+        ("results verified (medflow verify)", _verified),
         (
             "torch / horovod",
             lambda s: f"{fmt(_one(s['software'].get('torch')))} / {fmt(_one(s['software'].get('horovod')))}",
@@ -388,7 +415,8 @@ def _display_cohorts(summaries: list[dict], labels: list[str]) -> Table:
         "Cohorts and fold plans",
         ["", *labels],
         note="from the cohort indexes and fold plans; deviation = largest |fold share − 1/k| over the "
-        "outer folds (patches, patients).",
+        "outer folds (patches, patients); class warnings: a single-class cohort, or a class missing from a "
+        "training, validation or test split (metrics on such splits mislead).",
     )
     for cohort in _union(summaries, lambda s: s.get("cohorts", {})):
 
@@ -412,8 +440,13 @@ def _display_cohorts(summaries: list[dict], labels: list[str]) -> Table:
             dev = (s.get("folds", {}).get(study) or {}).get("max_abs_deviation_outer") or {}
             return f"{fmt(dev.get('patches'), 2)}, {fmt(dev.get('patients'), 2)}" if dev else "–"
 
+        def warnings(s: dict) -> str:
+            found = (s.get("folds", {}).get(study) or {}).get("warnings") or []
+            return ("⚠ " + "; ".join(found)) if found else "none"
+
         t.rows.append([f"{study}: folds (outer×inner)", *[plan(s) for s in summaries]])
         t.rows.append([f"{study}: max share deviation", *[deviation(s) for s in summaries]])
+        t.rows.append([f"{study}: class warnings", *[warnings(s) for s in summaries]])
     return t
 
 
@@ -463,6 +496,7 @@ def _display_training(summaries: list[dict], labels: list[str]) -> Table:
             "train acc",
             "val acc",
             "test acc",
+            "test acc (refit)",
             "s/epoch",
             f"time of {n_epochs} epochs (s)",
             "nested-CV wall (h)",
@@ -470,9 +504,9 @@ def _display_training(summaries: list[dict], labels: list[str]) -> Table:
             "GPU-h",
             "CPU core-h",
         ],
-        note="train/val accuracy over all inner runs, test accuracy over the outer folds' selected models; "
-        "nested-CV wall = sum of the wall times of its train, select and predict jobs; elapsed = first "
-        "start to last finish.",
+        note="train/val accuracy over all inner runs, test accuracy over the outer folds' selected models, "
+        "refit: over the models retrained on each whole outer training set (select.refit); nested-CV wall = sum "
+        "of the wall times of its train, select, refit, test and predict jobs; elapsed = first start to last finish.",
     )
     for study in _union(summaries, lambda s: s["studies"]):
         for label, s in zip(labels, summaries):
@@ -488,6 +522,7 @@ def _display_training(summaries: list[dict], labels: list[str]) -> Table:
                     fmt_ms(st["train_oacc"]),
                     fmt_ms(st["val_oacc"]),
                     fmt_ms(st["test_oacc"]),
+                    fmt_ms(st.get("refit_test_oacc")),
                     fmt_ms(st["s_per_epoch"]),
                     fmt(st["time_n_epochs_s"]),
                     fmt(_hours(st["nested_cv_wall_s"])),
@@ -522,7 +557,9 @@ def _display_nested_cv(summaries: list[dict], labels: list[str]) -> Table:
             "specificity",
             "AUC",
         ],
-        note="sensitivity/specificity of the study's positive class vs the rest; last row per site: mean ± std.",
+        note="sensitivity/specificity of the study's positive class vs the rest; selected inner = the best inner "
+        "model on validation, refit = the selected configuration retrained on the whole outer training set "
+        "(select.refit); last rows per site: mean ± std of each.",
     )
     for study in _union(summaries, lambda s: s["studies"]):
         outers = sorted(
@@ -534,32 +571,35 @@ def _display_nested_cv(summaries: list[dict], labels: list[str]) -> Table:
                 for fold in (s["studies"].get(study) or {}).get("outer", []):
                     if fold.get("outer") != outer:
                         continue
-                    test = fold.get("test") or {}
-                    t.rows.append(
-                        [
-                            study,
-                            fmt(outer),
-                            label,
-                            fmt(fold.get("selected_inner")),
-                            fmt(fold.get("test_patients")),
-                            fmt(test.get("n")),
-                            *[fmt(test.get(m)) for m in ("oacc", "sensitivity", "specificity", "auc")],
-                        ]
-                    )
+                    for model, test in _fold_tests(fold):
+                        t.rows.append(
+                            [
+                                study,
+                                fmt(outer),
+                                label,
+                                fmt(fold.get("selected_inner")) if model == "selected" else "refit",
+                                fmt(fold.get("test_patients")),
+                                fmt(test.get("n")),
+                                *[fmt(test.get(m)) for m in ("oacc", "sensitivity", "specificity", "auc")],
+                            ]
+                        )
         for label, s in zip(labels, summaries):
             st = s["studies"].get(study)
             if st and st["outer"]:
-                t.rows.append(
-                    [
-                        study,
-                        "mean ± std",
-                        label,
-                        "",
-                        "",
-                        "",
-                        *[fmt_ms(st[f"test_{m}"]) for m in ("oacc", "sensitivity", "specificity", "auc")],
-                    ]
-                )
+                for name, prefix in (("mean ± std", "test_"), ("refit: mean ± std", "refit_test_")):
+                    if name.startswith("refit") and not (st.get("refit_test_oacc") or {}).get("n"):
+                        continue
+                    t.rows.append(
+                        [
+                            study,
+                            name,
+                            label,
+                            "",
+                            "",
+                            "",
+                            *[fmt_ms(st.get(f"{prefix}{m}")) for m in ("oacc", "sensitivity", "specificity", "auc")],
+                        ]
+                    )
     return t
 
 

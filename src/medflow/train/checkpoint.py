@@ -80,30 +80,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_identity(job: FoldJob) -> dict[str, Any]:
-    """A checkpoint is resumed only by the same job: same config sections, fold and patients."""
+    """A checkpoint is resumed only by the same job on the same data: the same config sections, fold,
+    patients and shard contents (``data``: the digest of every shard of its patients)."""
     patients = {"train": sorted(job.patients["train"]), "val": sorted(job.patients["val"])}
     return {
         "study": job.study,
         "outer": job.outer,
         "inner": job.inner,
         "config_hash": job.config_hash,
+        "epochs": int(job.train_cfg["epochs"]),  # a refit's comes from its selection, not the config
         "patients": hashlib.sha256(config_mod.canonical_json(patients).encode()).hexdigest()[:16],
+        "data": job.data_digest,
     }
 
 
-def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None (absent, unreadable or from a different job)."""
+_IDENTITY_WORDS = {
+    "config_hash": "config",
+    "epochs": "epoch count",
+    "patients": "patients of the fold",
+    "data": "shard contents (data)",
+}
+
+
+def load_checkpoint(path: Path, identity: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(checkpoint to resume from, None), or (None, why it is not resumed) when one exists but is
+    unreadable or belongs to another job or other data; (None, None) when there is none."""
     if not path.exists():
-        return None
+        return None, None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn file cannot happen (atomic writes), a foreign one can
-        print(f"medflow train: ignoring unreadable checkpoint {path} ({type(exc).__name__})", flush=True)
-        return None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("identity") != identity:
-        print(f"medflow train: ignoring checkpoint {path} of a different job/config", flush=True)
-        return None
-    return ckpt
+        return None, f"unreadable ({type(exc).__name__})"
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        return None, "not a medflow checkpoint"
+    old = ckpt.get("identity") or {}
+    changed = [key for key in identity if old.get(key) != identity[key]]
+    if changed:
+        return None, "made from other " + ", ".join(_IDENTITY_WORDS.get(k, k) for k in changed)
+    return ckpt, None
 
 
 def save_checkpoint(
@@ -133,7 +147,6 @@ def save_checkpoint(
     }
     with fsio.atomic_path(job.out_dir / "checkpoint.pt") as tmp:
         torch.save(ckpt, tmp)
-    fsio.write_text(job.out_dir / "curves.csv", curves_csv(progress.curves))
 
 
 def curves_csv(rows: list[dict[str, Any]]) -> str:

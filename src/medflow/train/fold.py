@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,14 +54,8 @@ def model_meta(job: FoldJob, pset_train: PatchSet, progress: Progress) -> dict[s
         "seed": job.seed,
         "config_hash": job.config_hash,
         "dtype": str(pset_train.dtype),
+        "data_digest": job.data_digest,
     }
-
-
-def clear_final_outputs(out_dir: Path) -> None:
-    """A rerun first removes the previous run's final outputs: only a finished job has a record."""
-    for name in ("record.json", "model.pt"):
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / name).unlink()
 
 
 # ---- the job -----------------------------------------------------------------------------------------
@@ -104,7 +98,13 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
         scaler = torch.amp.GradScaler("cuda") if on_cuda and tc["amp"] else None
         progress, best_state = Progress(), None
         identity = checkpoint_identity(job)
-        ckpt = load_checkpoint(job.out_dir / "checkpoint.pt", identity)
+        ckpt, ignored = load_checkpoint(job.out_dir / "checkpoint.pt", identity)
+        record["checkpoint"] = {"resumed_from_epoch": None, "ignored": ignored, "data_digest": job.data_digest}
+        if ignored and d.is_root:
+            print(
+                f"medflow train: not resuming from {job.out_dir / 'checkpoint.pt'}: {ignored}; training from scratch",
+                flush=True,
+            )
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -114,7 +114,7 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             best_state = ckpt.get("best_state")
             states = ckpt["rng"]
             set_rng_state(states[d.rank] if d.rank < len(states) else states[0])
-            record["resumed_from_epoch"] = progress.epochs_done
+            record["resumed_from_epoch"] = record["checkpoint"]["resumed_from_epoch"] = progress.epochs_done
         wrapped = d.wrap_model(model)
         d.broadcast_state(model, optimizer)
         trainer = Trainer(wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler)
@@ -183,11 +183,19 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
         fill_record(
             record, job, d, train_set, val_set, progress, load_ms, (y_true, y_prob) if val_set is not None else None
         )
-        # Also here: a job resumed from a checkpoint that covers every epoch runs no epoch (and Snakemake
-        # deleted the declared outputs before the rerun).
-        fsio.write_text(job.out_dir / "curves.csv", curves_csv(progress.curves))
-        models.save_model(job.out_dir / "model.pt", model, model_meta(job, train_set, progress))
+        write_outputs(job, record, model, model_meta(job, train_set, progress), progress)
     return record
+
+
+def write_outputs(job: FoldJob, record: JobRecord, model: nn.Module, meta: dict, progress: Progress) -> None:
+    """Replace the previous run's outputs only now that this one succeeded: model and curves first,
+    the record (naming their digests) last, each atomically — a failed or killed job leaves the
+    previous outputs as they were."""
+    models.save_model(job.out_dir / "model.pt", model, meta)
+    fsio.write_text(job.out_dir / "curves.csv", curves_csv(progress.curves))
+    record["outputs"] = {
+        name: {"path": name, "sha256": fsio.sha256_file(job.out_dir / name)} for name in ("model.pt", "curves.csv")
+    }
 
 
 def _load_ms_per_patch(d: dist_mod.Dist, loader: EpochLoader) -> float | None:
@@ -232,7 +240,7 @@ def fill_record(
         "peak": scaled_lr(float(job.train_cfg["lr"]), d.size, job.train_cfg["lr_scaling"]),
     }
     record["eval"] = "val predictions sharded across ranks and gathered (allgather); metrics over the whole set"
-    record["outputs"] = {"model": "model.pt", "checkpoint": "checkpoint.pt", "curves": "curves.csv"}
+    record["inputs"] = job.inputs
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------
@@ -248,6 +256,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="inner fold; omit to train on the whole outer training set (no validation)",
     )
+    p.add_argument(
+        "--selection",
+        help="refit (no --inner): the `medflow select` record of this outer fold; trains the selected "
+        "configuration on the whole outer training set for the selected model's number of epochs",
+    )
     p.add_argument("--out-dir", required=True)
 
 
@@ -260,14 +273,40 @@ def _dist_context(backend: str, threads: int) -> Iterator[dist_mod.Dist]:
         d.shutdown()
 
 
+def refit_epochs(selection: str, study: str, outer: int) -> tuple[int, int]:
+    """(selected inner fold, epochs to train) from the select record of this outer fold."""
+    rec = fsio.read_json_document(selection, "select record")
+    if rec.get("job") != "select" or rec.get("status") != "ok":
+        raise InputError(
+            selection, f"not a finished select record (job {rec.get('job')!r}, status {rec.get('status')!r})"
+        )
+    if rec.get("study") != study or rec.get("outer") != outer:
+        raise InputError(
+            selection,
+            f"select record is study {rec.get('study')!r} outer {rec.get('outer')}, expected {study!r} outer {outer}",
+        )
+    epochs = rec.get("selected_epochs")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise InputError(selection, f"select record has no usable selected_epochs ({epochs!r})")
+    return int(rec["selected_inner"]), epochs
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    job = load_fold_job(args.config, args.study, args.index, args.folds, args.outer, args.inner, args.out_dir)
+    refit = None
+    if args.selection:
+        if args.inner is not None:
+            raise InputError(args.selection, "--selection (refit) trains on the whole outer training set: omit --inner")
+        refit = refit_epochs(args.selection, args.study, args.outer)
+    extra = {"selection": args.selection} if args.selection else None
+    job = load_fold_job(args.config, args.study, args.index, args.folds, args.outer, args.inner, args.out_dir, extra)
+    if refit is not None:
+        # The selected configuration, for as many epochs as produced the selected model; no validation set.
+        job.study_cfg = {**job.study_cfg, "train": {**job.train_cfg, "epochs": refit[1], "early_stopping": 0}}
     launch = job.cfg["launch"]
     with _dist_context(launch["backend"], launch["threads_per_rank"]) as d:
         if d.is_root:
             job.out_dir.mkdir(parents=True, exist_ok=True)
-            clear_final_outputs(job.out_dir)
         d.barrier()
         record = JobRecord(
             "train",
@@ -283,6 +322,12 @@ def run(args: argparse.Namespace) -> int:
         devices = [dev for part in d.allgather_object(d.devices) for dev in part]
         record["launch"] = provenance.launch_info(d.backend, d.size, devices)
         record["launch"]["backend_requested"] = launch["backend"]
+        if refit is not None:
+            record["refit"] = {
+                "selection": os.path.relpath(args.selection, job.out_dir),
+                "selected_inner": refit[0],
+                "epochs": refit[1],
+            }
         record["timings_s"]["load_args"] = time.perf_counter() - t0
         train_fold(job, d, record)
         if d.is_root:

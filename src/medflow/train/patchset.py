@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.index import open_checked
 from ..core.seeds import rng_for
 
 CHUNK_CACHE_BYTES = 256 << 20  # LRU of whole chunks for shards read through h5py (compressed)
@@ -103,7 +104,7 @@ class PatchSet:
         self.segments: list[tuple[int, int, int, int]] = []
         shard_ids, rows, labels, coords, seg_ids = [], [], [], [], []
         for sid, shard in enumerate(self.shards):
-            with h5py.File(shard["path"], "r") as h5:
+            with open_checked(shard, self.class_names) as h5:  # the shard the index lists, or InputError
                 ds = h5["patches"]
                 self._check_layout(shard["path"], ds, sid)
                 segs = row_segments(ds) if io != "h5py" else None

@@ -2,9 +2,12 @@
 
 As in the brain-tumour reference's double cross-validation: among the inner models of outer fold
 i, the one with the best ``train.selection_metric`` on its own validation patients (default OACC;
-ties go to the lowest inner index) is evaluated once on the held-out test patients of fold i.
-Writes ``record.json`` (last), ``model.pt`` (weights-only export of the selected model) and
-``predictions.npz`` (y_true, y_prob, coords, image_ids) in ``--out-dir``. One process.
+ties go to the lowest inner index) is evaluated once on the held-out test patients of fold i
+(`medflow.train.outer_test`). Writes ``predictions.npz`` (y_true, y_prob, coords, image_ids),
+``model.pt`` (weights-only export of the selected model) and ``record.json`` (last) in
+``--out-dir``. One process. With ``select.refit`` the workflow then retrains the selected
+configuration on the whole outer training set (`medflow train --selection`) and tests that model
+(`medflow test`).
 """
 
 from __future__ import annotations
@@ -15,21 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from ..core import config as config_mod
 from ..core import fsio
 from ..core.errors import InputError
-from ..core.index import load_index
-from ..core.metrics import classification_metrics
 from ..core.records import JobRecord
-from ..core.seeds import stream_seed
-from . import dist as dist_mod
 from . import models
-from .evaluate import predict_set
-from .patchset import PatchSet
-from .splits import check_index, fold_patients, load_plan
+from .outer_test import finish, load_model_for, load_outer_fold, relative, test_model
 
 
 def read_candidates(inner_dirs: list[str], study: str, outer: int, metric: str) -> list[dict[str, Any]]:
@@ -69,12 +62,6 @@ def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     return max(candidates, key=key)
 
 
-def write_predictions(
-    path: Path, y_true: np.ndarray, y_prob: np.ndarray, coords: np.ndarray, image_ids: np.ndarray
-) -> None:
-    fsio.write_npz(path, y_true=y_true, y_prob=y_prob, coords=coords, image_ids=image_ids.astype(str))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--study", required=True)
@@ -87,74 +74,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    cfg = config_mod.load(args.config)
-    study_cfg = config_mod.study(cfg, args.study, args.config)
-    metric = study_cfg["train"]["selection_metric"]
-    index = load_index(args.index)
-    plan = load_plan(args.folds)
-    check_index(plan, index, args.folds)
-    try:
-        test_patients = fold_patients(plan, args.outer, None)["test"]
-    except InputError as exc:
-        raise InputError(args.folds, exc.problem) from None
+    inner_records = {f"inner{i}": Path(d) / "record.json" for i, d in enumerate(args.inner_dirs)}
+    fold = load_outer_fold(args.config, args.study, args.index, args.folds, args.outer, args.out_dir, inner_records)
+    metric = fold.study_cfg["train"]["selection_metric"]
     candidates = read_candidates(args.inner_dirs, args.study, args.outer, metric)
     best = choose(candidates)
-    model, meta = models.load_model(Path(best["dir"]) / "model.pt")
-    if meta.get("class_names") != index["class_names"]:
-        raise InputError(
-            Path(best["dir"]) / "model.pt",
-            f"classes {meta.get('class_names')} differ from the index's {index['class_names']}",
-        )
-    out_dir = Path(args.out_dir)
+    model, meta = load_model_for(fold, Path(best["dir"]) / "model.pt")
     record = JobRecord(
         "select",
-        cfg,
+        fold.cfg,
         (f"studies.{args.study}", "folds"),
         study=args.study,
-        cohort=index["cohort"],
-        kind=index["kind"],
-        model=study_cfg["model"]["name"],
+        cohort=fold.index["cohort"],
+        kind=fold.index["kind"],
+        model=fold.study_cfg["model"]["name"],
         outer=args.outer,
         selected_inner=best["inner"],
         selection_metric=metric,
         candidates=[{"inner": c["inner"], "value": c["value"]} for c in candidates],
-        test_patients=test_patients,
+        selected_dir=relative(best["dir"], fold.out_dir),
+        selected_epochs=_epochs_of(best["record"]),
     )
     record["timings_s"]["load_args"] = time.perf_counter() - t0
-
-    d = dist_mod.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(d.device)
-    with record.timed("prepare_test"):
-        test_set = PatchSet(
-            index,
-            test_patients,
-            study_cfg["train"]["max_patches"],
-            stream_seed(cfg["seed"], args.study, args.outer, "test-set"),
-        )
-    with record.timed("predict"):
-        batch = max(2 * int(study_cfg["train"]["batch_size"]), 64)
-        y_true, y_prob, load_s = predict_set(model, test_set, d, batch, gather=False)
-    n = len(test_set)
-    record["throughput"]["load_ms_per_patch"] = 1000.0 * load_s / n if n else None
-    record["throughput"]["predict_img_per_s"] = n / record["timings_s"]["predict"] if n else None
-    test = classification_metrics(y_true, y_prob, index["class_names"], study_cfg["positive_class"])
+    test = test_model(model, fold, record)
     record["metrics"] = {"val": best["record"]["metrics"].get("val"), "test": test}
-    record["n_patches"] = {"test": n}
-    record["selected_dir"] = best["dir"]
-
-    image_ids = np.array([s["image_id"] for s in test_set.shards] or [""], dtype=object)[test_set.shard_of]
-    write_predictions(out_dir / "predictions.npz", y_true, y_prob, test_set.coords, image_ids)
-    models.save_model(
-        out_dir / "model.pt",
-        model,
-        {
-            **meta,
-            "selected_inner": best["inner"],
-            "selection_metric": metric,
-            "selection_value": best["value"],
-            "test_oacc": test["oacc"],
-        },
-    )
-    record.finish("ok").save(out_dir / "record.json")
-    print(f"select {out_dir}: inner {best['inner']} ({metric} {best['value']}), test oacc {test['oacc']}")
+    selection = {"selected_inner": best["inner"], "selection_metric": metric, "selection_value": best["value"]}
+    models.save_model(fold.out_dir / "model.pt", model, {**meta, **selection, "test_oacc": test["oacc"]})
+    finish(record, fold, ["model.pt", "predictions.npz"], t0)
+    print(f"select {fold.out_dir}: inner {best['inner']} ({metric} {best['value']}), test oacc {test['oacc']}")
     return 0
+
+
+def _epochs_of(train_record: dict[str, Any]) -> int:
+    """Epochs that produced the selected weights (best validation epoch + 1): what a refit trains for."""
+    best_epoch = train_record.get("best_epoch")
+    return int(best_epoch) + 1 if best_epoch is not None else int(train_record.get("epochs_run") or 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,32 @@ def _round_shares(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---- feasibility ------------------------------------------------------------------------------
+def min_patients(folds_cfg: dict) -> int:
+    """The fewest patients the fold plan can be made from (each outer training set must still fill the
+    inner folds; k-fold outer test folds hold ⌈n/k⌉ patients at best)."""
+    k_inner = int(folds_cfg["inner"])
+    if folds_cfg["strategy"] == "lopo":
+        return max(2, k_inner + 1)
+    k_outer = int(folds_cfg["outer"])
+    n = k_outer
+    while n - math.ceil(n / k_outer) < k_inner:
+        n += 1
+    return n
+
+
+def check_patients(n: int, folds_cfg: dict, cohort: str, source: str | Path = "config") -> None:
+    """InputError naming the folds keys when ``n`` patients are too few for the plan."""
+    need = min_patients(folds_cfg)
+    if n < need:
+        plan = "leave-one-patient-out" if folds_cfg["strategy"] == "lopo" else f"{folds_cfg['outer']} outer folds"
+        raise InputError(
+            source,
+            f"folds.outer/folds.inner: {plan} × {folds_cfg['inner']} inner folds need at least "
+            f"{need} patients; cohort {cohort!r} has {n} (lower folds.outer or folds.inner)",
+        )
+
+
 # ---- plan -------------------------------------------------------------------------------------
 def _split(patients: list[str], counts: np.ndarray, k: int, balance: str, seed: int) -> list[list[str]]:
     fold = assign_groups(counts, k, balance, seed)
@@ -301,8 +328,39 @@ def make_plan(index: dict, cfg: dict, study: str, source: str | Path | None = No
         "index_digest": index_digest(index),
         "config_hash": config_mod.section_hash(cfg, "folds"),
     }
+    plan["warnings"] = class_warnings(plan, table)
     check_plan(plan, where)
     return plan
+
+
+def class_warnings(plan: dict[str, Any], table: dict[str, np.ndarray]) -> list[str]:
+    """What makes a plan's results misleading without making it impossible: a cohort with one class
+    (accuracy is then trivially 1.0), or a class missing from a training, validation or test split."""
+    names = plan["class_names"]
+
+    def absent(members: Sequence[str]) -> list[str]:
+        total = np.sum([table[p] for p in members], axis=0) if members else np.zeros(len(names))
+        return [c for c, v in zip(names, total) if v == 0]
+
+    present = [c for c in names if c not in absent(plan["patients"])]
+    warnings = []
+    if len(present) < 2:
+        warnings.append(f"single-class cohort: only {present} has patches; accuracy is meaningless")
+    for o in plan["outer"]:
+        splits = [
+            (f"outer {o['index']} test", o["test_patients"]),
+            (f"outer {o['index']} training", o["train_patients"]),
+        ]
+        for f in o["inner"]:
+            splits += [
+                (f"outer {o['index']} inner {f['index']} training", f["train_patients"]),
+                (f"outer {o['index']} inner {f['index']} validation", f["val_patients"]),
+            ]
+        for name, members in splits:
+            missing = [c for c in absent(members) if c in present]
+            if missing:
+                warnings.append(f"{name} split has no patch of class(es) {missing}")
+    return warnings
 
 
 def check_plan(plan: dict, source: str | Path | None) -> None:
@@ -405,4 +463,6 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(index, cfg, args.study, source=args.index)
     fsio.write_json(args.out, plan)
     print(f"folds {args.out}: {summary_line(plan)}")
+    for warning in plan["warnings"]:
+        print(f"medflow plan-folds: warning: {args.out}: {warning}")
     return 0

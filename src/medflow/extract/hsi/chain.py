@@ -183,7 +183,12 @@ def run_chain(entry: ImageEntry, cfg: dict) -> ChainResult:
     gt = hsi_io.read_ground_truth(entry.annotation) if entry.annotation else None
     load_s = time.perf_counter() - t0
     cube, timings, chain, demosaiced = chain_cube(
-        image.data, hcfg, white, dark, matrix, {"image": entry.image, "white": entry.white, "matrix": matrix_path}
+        image.data,
+        hcfg,
+        white,
+        dark,
+        matrix,
+        {"image": entry.image, "white": entry.white, "dark": entry.dark, "matrix": matrix_path},
     )
     t0 = time.perf_counter()
     labels = np.full(cube.shape[:2], -1, dtype=np.int64)
@@ -245,6 +250,33 @@ def _chain_block(
     return dead, zero
 
 
+def check_references(white: np.ndarray, dark: np.ndarray, sources: dict[str, str], max_bad: float) -> dict[str, Any]:
+    """Physical sanity of the references: the white frame must be brighter than the dark one. A dark
+    frame brighter on average (swapped files), or W ≤ D on more than ``max_bad`` of the pixels (a
+    partially degenerate reference: those pixels would calibrate to 0), is an InputError; fewer such
+    pixels are counted in the record (``reference_bad_pixels``, shown in the report)."""
+    white32, dark32 = np.asarray(white, dtype=np.float32), np.asarray(dark, dtype=np.float32)
+    if np.array_equal(white32, dark32):
+        raise InputError(sources["white"], "white and dark references are identical (W == D everywhere)")
+    if float(dark32.mean()) >= float(white32.mean()):
+        raise InputError(
+            sources.get("dark", sources["white"]),
+            f"dark reference is brighter than the white one "
+            f"(means {dark32.mean():.1f} ≥ {white32.mean():.1f}): "
+            "swapped or wrong files?",
+        )
+    bad = int(np.count_nonzero(white32 <= dark32))
+    fraction = bad / white32.size
+    if fraction > max_bad:
+        raise InputError(
+            sources["white"],
+            f"white ≤ dark on {fraction:.1%} of the pixels ({bad} of {white32.size}; "
+            f"hsi.max_bad_reference_fraction = {max_bad}): partially degenerate "
+            "references would zero those pixels",
+        )
+    return {"reference_bad_pixels": bad, "reference_bad_fraction": fraction}
+
+
 @functools.lru_cache(maxsize=1)
 def _threadpools() -> Any:
     return ThreadpoolController()
@@ -272,13 +304,14 @@ def chain_cube(
     the block) so a block's intermediates stay in the CPU cache instead of streaming the whole frame
     through memory once per step; results are identical to whole-frame processing.
     """
-    sources = {"image": "image", "white": "white", "matrix": "correction matrix", **(sources or {})}
+    sources = {"image": "image", "white": "white", "dark": "dark", "matrix": "correction matrix", **(sources or {})}
     steps, mcfg = hcfg["chain"], hcfg["mosaic"]
     timings = {k: 0.0 for k in STEPS}
     chain: dict[str, Any] = {s: False for s in STEPS}
     size = mcfg["size"]
     mosaic = data.ndim == 2
     calibrating = mosaic and steps["calibrate"]
+    references: dict[str, Any] = {}
     demosaicing = mosaic and steps["demosaic"]
     if mosaic:
         try:
@@ -296,6 +329,7 @@ def chain_cube(
                 raise InputError(sources["image"], "calibration is on but no white/dark reference was given")
             white = active_area(white, mcfg["offset"], mcfg["crop"])
             dark = active_area(dark, mcfg["offset"], mcfg["crop"])
+            references = check_references(white, dark, sources, hcfg["max_bad_reference_fraction"])
     else:
         active = data
     step = size if demosaicing else 1  # input rows per output row
@@ -329,9 +363,7 @@ def chain_cube(
             dead += dead_n
             zero += zero_n
     if calibrating:
-        if dead == active.size:
-            raise InputError(sources["white"], "white and dark references are identical (W == D everywhere)")
-        chain.update(calibrate=True, dead_pixels=dead)
+        chain.update(calibrate=True, dead_pixels=dead, **references)
     if demosaicing:
         chain.update(
             demosaic=True,

@@ -244,6 +244,8 @@ def read_image(path: str | Path) -> HsiImage:
         data = data[0]
     if data.ndim not in (2, 3) or (ext in (".tif", ".tiff") and data.ndim != 2):
         raise InputError(path, f"expected a 2-D mosaic or a (rows, cols, bands) cube, found shape {data.shape}")
+    if 0 in data.shape:
+        raise InputError(path, f"image is empty (shape {data.shape}: no rows, columns or bands)")
     check_finite(data, path, "image")
     return HsiImage(data=data, kind="mosaic" if data.ndim == 2 else "cube", wavelengths=wavelengths)
 

@@ -27,7 +27,7 @@ from . import io as hsi_io
 from .chain import ChainResult, check_config, run_chain
 from .patches import extract_patches, select_pixels
 
-TIMING_KEYS = ("hash", "load", "calibrate", "demosaic", "correct", "normalise", "patches", "write")
+TIMING_KEYS = ("hash", "load", "calibrate", "demosaic", "correct", "normalise", "patches", "write", "digest")
 WRITE_BLOCK = 4096  # patches gathered and written per block
 
 
@@ -72,7 +72,7 @@ def _extract(target: job_mod.Target, cfg: dict, record: JobRecord, inputs: dict)
     attrs = {**job_mod.base_attrs(target, cfg, inputs, record["config_hash"]), **_geometry_attrs(cfg, result)}
     result.timings.update(_write_shard(target.shard, result, rows, cols, cfg, attrs))
     record.update(chain=result.chain, shape=list(result.cube.shape))
-    record["timings_s"].update({key: float(result.timings.get(key, 0.0)) for key in TIMING_KEYS if key != "hash"})
+    record["timings_s"].update({key: float(result.timings.get(key, 0.0)) for key in TIMING_KEYS[1:-1]})
 
 
 def _timer(timings: dict[str, float], key: str, t0: float) -> float:

@@ -47,21 +47,33 @@ class Polygon:
 
 
 # ---- parsing -------------------------------------------------------------------------------------
-def load(path: str | Path) -> list[Polygon]:
-    """Polygons of an ASAP XML or GeoJSON file (by extension); InputError names the file otherwise."""
+@dataclass(frozen=True)
+class Mark:
+    """An annotation without an area (a point, a line, an ASAP dot or measurement): never a region."""
+
+    group: str
+    kind: str
+    name: str = ""
+
+
+def load(path: str | Path, marks: list[Mark] | None = None) -> list[Polygon]:
+    """Polygons of an ASAP XML or GeoJSON file (by extension); InputError names the file otherwise.
+    Annotations without an area are appended to ``marks`` when given (else ignored)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "annotation file not found")
     suffix = path.suffix.lower()
+    marks = [] if marks is None else marks
     if suffix == ".xml":
-        return parse_asap_xml(path)
+        return parse_asap_xml(path, marks)
     if suffix in _GEOJSON_EXTS:
-        return parse_geojson(path)
+        return parse_geojson(path, marks)
     raise InputError(path, f"unknown annotation format {suffix!r}; expected .xml (ASAP) or .json/.geojson")
 
 
-def parse_asap_xml(path: str | Path) -> list[Polygon]:
-    """ASAP XML → polygons (vertices in ``Order``); groups from ``PartOfGroup``."""
+def parse_asap_xml(path: str | Path, marks: list[Mark] | None = None) -> list[Polygon]:
+    """ASAP XML → polygons (vertices in ``Order``); groups from ``PartOfGroup``; dots, point sets and
+    measurements go to ``marks``."""
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as exc:
@@ -71,6 +83,8 @@ def parse_asap_xml(path: str | Path) -> list[Polygon]:
     polygons = []
     for ann in root.iter("Annotation"):
         if ann.get("Type", "Polygon").lower() not in _ASAP_AREA_TYPES:
+            if marks is not None:
+                marks.append(Mark(ann.get("PartOfGroup", ""), ann.get("Type", ""), ann.get("Name", "")))
             continue
         name = ann.get("Name", "")
         coords = ann.find("Coordinates")
@@ -84,8 +98,8 @@ def parse_asap_xml(path: str | Path) -> list[Polygon]:
     return polygons
 
 
-def parse_geojson(path: str | Path) -> list[Polygon]:
-    """GeoJSON (QuPath export) → polygons; holes kept; Points/LineStrings ignored."""
+def parse_geojson(path: str | Path, marks: list[Mark] | None = None) -> list[Polygon]:
+    """GeoJSON (QuPath export) → polygons; holes kept; Points/LineStrings go to ``marks``."""
     path = Path(path)
     try:
         with open(path) as fh:
@@ -95,7 +109,7 @@ def parse_geojson(path: str | Path) -> list[Polygon]:
     polygons: list[Polygon] = []
     for feature in _features(path, doc):
         group, name = _feature_class(feature.get("properties") or {})
-        _collect_geometry(path, feature.get("geometry"), group, name, polygons)
+        _collect_geometry(path, feature.get("geometry"), group, name, polygons, marks)
     return polygons
 
 
@@ -125,7 +139,9 @@ def _feature_class(props: dict) -> tuple[str, str]:
     return str(group), str(props.get("name") or "")
 
 
-def _collect_geometry(path: Path, geom: Any, group: str, name: str, out: list[Polygon]) -> None:
+def _collect_geometry(
+    path: Path, geom: Any, group: str, name: str, out: list[Polygon], marks: list[Mark] | None = None
+) -> None:
     if geom is None:
         return
     if not isinstance(geom, dict) or "type" not in geom:
@@ -139,8 +155,11 @@ def _collect_geometry(path: Path, geom: Any, group: str, name: str, out: list[Po
                 out.append(_polygon_from_rings(path, rings, group, name))
         elif kind == "GeometryCollection":
             for sub in geom["geometries"]:
-                _collect_geometry(path, sub, group, name, out)
-        elif kind not in {"Point", "MultiPoint", "LineString", "MultiLineString"}:
+                _collect_geometry(path, sub, group, name, out, marks)
+        elif kind in {"Point", "MultiPoint", "LineString", "MultiLineString"}:
+            if marks is not None:
+                marks.append(Mark(group, kind, name))
+        else:
             raise InputError(path, f"feature {name or group!r}: unknown geometry type {kind!r}")
     except (KeyError, TypeError) as exc:
         raise InputError(path, f"feature {name or group!r}: malformed {kind} ({exc!r})") from None

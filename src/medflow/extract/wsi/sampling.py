@@ -166,7 +166,21 @@ def sample_grid(
 def slide_annotations(entry: ImageEntry, dims: tuple[int, int], labels_cfg: dict) -> SlideAnnotations:
     if not entry.annotation:
         return SlideAnnotations([], [], [])
-    polygons = ann_mod.load(entry.annotation)
+    marks: list[ann_mod.Mark] = []
+    polygons = ann_mod.load(entry.annotation, marks)
+    regions = {*labels_cfg["tumour_groups"], *labels_cfg["exclude_groups"]}
+    for mark in marks:  # a point labelled tumour would silently give no tumour patch at all
+        if mark.group in regions:
+            raise InputError(
+                entry.annotation,
+                f"annotation {mark.name or mark.group!r} of group {mark.group!r} is a "
+                f"{mark.kind}, which has no area: outline regions with polygons",
+            )
+    if marks:
+        print(
+            f"extract-wsi: warning: {entry.annotation}: {len(marks)} annotation(s) without an area ignored "
+            f"(groups {sorted({m.group for m in marks})})"
+        )
     ann_mod.check_inside(entry.annotation, polygons, *dims)
     known = {*labels_cfg["tumour_groups"], *labels_cfg["exclude_groups"]}
     result = SlideAnnotations(
