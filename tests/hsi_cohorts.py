@@ -73,6 +73,7 @@ def salinas_cfg(default_cfg: dict, shared_data: Path, tmp_path: Path) -> dict:
         class_names=[f"c{v}" for v in SALINAS_VALUES],
         class_map={str(v): i for i, v in enumerate(SALINAS_VALUES)},
     )
+    cfg["studies"]["hsi_demo"]["positive_class"] = "c1"  # the HSI study now has SalinasA's classes
     return config_mod.validate(cfg)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
-NAME = re.compile(r"\bmedflow(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+NAME = re.compile(r"(?<![\w./-])medflow(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 FILE_NAMES = {"medflow.sif", "medflow.def"}  # container image files, not modules
 REPO_PATH = re.compile(r"`((?:src|tests|docs|workflow|slurm|containers|benchmarks|\.ci)/[A-Za-z0-9_./-]+)`")
 

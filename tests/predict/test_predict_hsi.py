@@ -177,7 +177,7 @@ def test_model_that_does_not_fit_is_refused(
 def test_salinas_map_has_cube_shape(shared_data: Path, default_cfg: dict, tmp_path: Path) -> None:
     cfg = salinas_cfg(default_cfg, shared_data, tmp_path)
     cfg["hsi"]["chain"]["normalise"] = True
-    cfg["studies"]["salinas"] = {"cohort": "salinas", "model": {"name": "conv2dnet"}}
+    cfg["studies"]["salinas"] = {"cohort": "salinas", "positive_class": "c1", "model": {"name": "conv2dnet"}}
     cfg_path = write_config(config_mod.validate(cfg), tmp_path / "config.yaml")
     model = tmp_path / "model.pt"
     _save_conv2dnet(model, 204, list(cfg["hsi"]["class_names"]), 7)

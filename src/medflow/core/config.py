@@ -99,7 +99,9 @@ def load(path: str | Path) -> dict:
     cfg = read_yaml(path) or {}
     if not isinstance(cfg, dict):
         raise InputError(path, "config must be a mapping")
-    return validate(cfg, path)
+    validate(cfg, path)
+    check_studies(cfg, path)
+    return cfg
 
 
 def check_studies(cfg: dict, source: str | Path = "config") -> None:

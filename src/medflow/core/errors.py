@@ -14,5 +14,5 @@ class InputError(Exception):
 
     def __init__(self, path: str | Path | None, problem: str):
         self.path = str(path) if path is not None else None
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        self.problem = " ".join(str(problem).split())  # one line, whatever a library's message held
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)

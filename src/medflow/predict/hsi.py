@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         study=args.study,
         cohort=args.cohort,
         outer=args.outer,
-        model=str(args.model),
+        model=os.path.relpath(args.model, out_dir),
         images=[],
         metrics={},
     )
@@ -261,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     record["threads"] = threads
     with record.timed("load_model"):
         model, meta = load_model(args.model, device)
+    record["inputs"] = {"files": {"model": {"path": record["model"], "sha256": fsio.sha256_file(args.model)}}}
     positive = cfg["studies"][args.study].get("positive_class")
     names = list(cfg["hsi"]["class_names"])
     pooled_true, pooled_prob = [], []
@@ -292,5 +293,10 @@ def run(args: argparse.Namespace) -> int:
     work_s = sum(record["timings_s"].get(k, 0.0) for k in ("load", "chain", "patches", "predict", "write"))
     record["device"] = device
     record["throughput"] = {"px_per_s": pixels / work_s if work_s else None, "s_per_image": work_s / len(items)}
+    record["outputs"] = {
+        name: {"path": name, "sha256": fsio.sha256_file(out_dir / name)}
+        for info in record["images"]
+        for name in (info["map"], info["array"])
+    }
     record.save(out_dir / "record.json")
     return 0

@@ -228,6 +228,8 @@ def audit_runs(audit: Audit, cfg: dict, indexes: dict[str, dict], plans: dict[st
             if cfg.get("select", {}).get("refit"):
                 audit_job(audit, base / "refit" / "record.json", "train", plan, index, outer, None)
                 audit_job(audit, base / "refit" / "test" / "record.json", "test", plan, index, outer, None)
+            if cfg["cohorts"][spec["cohort"]]["kind"] == "hsi":
+                audit_job(audit, base / "maps" / "record.json", "predict-hsi", None, None, outer, None)
 
 
 def audit_site(site_dir: str | Path, cfg: dict | None = None, rehash: bool = True) -> dict[str, Any]:
