@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "select",
         cfg,
         (f"studies.{args.study}", "folds"),
+        clock_start=t0,
         study=args.study,
         cohort=index["cohort"],
         kind=index["kind"],
