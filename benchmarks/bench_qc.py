@@ -8,7 +8,7 @@ the extraction, and the PNG's size. Slides: a demo slide (`medflow.demo.content.
 0.5 µm/px, the demo's extraction settings) and, when ../shared/data is present, CMU-1-Small-Region and
 the TCGA frozen section (0.5 µm/px patches). Usage:
 
-    .venv/bin/python benchmarks/bench_qc.py [--repeats 5] [--json out.json]
+    .venv/bin/python benchmarks/bench_qc.py [--repeats 5] [--per-class N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,11 +54,16 @@ def slides(work: Path) -> list[tuple[str, ImageEntry, dict]]:
     return out
 
 
+PER_CLASS: dict[str, int] = {}  # --per-class overrides the demo's 24 patches per class
+
+
 def config(overrides: dict, max_px: int) -> dict:
     with open(ROOT / "config.yaml") as fh:
         cfg = yaml.safe_load(fh)  # the demo's settings: mpp 1.0, 24 patches per class
     cfg["cohorts"] = {"bench": {"kind": "wsi", "manifest": "unused.csv"}}
     cfg["wsi"].update({**overrides, "qc": {"max_px": max_px}})
+    if PER_CLASS:
+        cfg["wsi"]["sampling"]["per_class"] = PER_CLASS["n"]
     return config_mod.validate(cfg)
 
 
@@ -92,8 +97,11 @@ def measure(entry: ImageEntry, overrides: dict, work: Path, repeats: int) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--per-class", type=int, default=0, help="patches per class (default: the demo's 24)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.per_class:
+        PER_CLASS["n"] = args.per_class
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
