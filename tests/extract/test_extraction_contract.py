@@ -69,6 +69,7 @@ def _wsi(cfg: dict, tmp: Path) -> Kind:
     rows = [entry.__class__(image_id="img0", patient_id="p0", image=entry.image, annotation=entry.annotation)]
     write_manifest(manifest, rows)
     cfg["cohorts"] = {"c": {"kind": "wsi", "manifest": str(manifest)}}
+    cfg["studies"] = {}
     cfg["wsi"].update(mpp=0.5, patch_size=64, sampling={"mode": "random", "per_class": 6})
 
     def change() -> None:
@@ -92,6 +93,7 @@ def _wsi(cfg: dict, tmp: Path) -> Kind:
 def _hsi(cfg: dict, tmp: Path) -> Kind:
     manifest = make_mosaic_cohort(tmp / "data", n_images=1)
     cfg["cohorts"] = {"c": {"kind": "hsi", "manifest": str(manifest)}}
+    cfg["studies"] = {}
     cfg["hsi"].update(per_class=10)
     gt = tmp / "data" / "img0" / "gt.png"
 

@@ -134,7 +134,9 @@ def test_predict_hsi_writes_maps_and_record(tiny_predict: tuple[dict, Path, Path
         assert png.format == "PNG" and png.size[0] > 100
     record = json.loads((out / "record.json").read_text())
     assert record["job"] == "predict-hsi" and record["status"] == "ok" and record["threads"] == 1
-    assert {"load", "chain", "patches", "predict", "write"} <= set(record["timings_s"])
+    assert {"load", "chain", "patches", "predict", "write", "other"} <= set(record["timings_s"])
+    # one clock, stages that do not overlap, and "other": the stages add up to the job's wall time
+    assert sum(record["timings_s"].values()) == pytest.approx(record["wall_s"], abs=1e-9)
     assert record["throughput"]["px_per_s"] > 0
     assert [i["image_id"] for i in record["images"]] == ["img0", "img1"]
     metrics = record["metrics"]["images"]["img0"]
@@ -159,6 +161,22 @@ def test_class_palette_is_fixed() -> None:
     assert palette.shape == (7, 3)
     assert tuple(palette[1]) == (0, 176, 0) and tuple(palette[2]) == (220, 0, 0) and tuple(palette[0]) == (0, 0, 0)
     assert len({tuple(p) for p in palette}) == 7
+
+
+def test_map_legend_names_every_colour_shown() -> None:
+    names = ["healthy", "tumour"]
+    labels = np.array([[0, 1], [-1, 1]], np.int16)
+    gt = np.array([[0, -1], [1, 1]])
+    entries = hsi_predict.legend_entries(labels, names, gt)
+    palette = hsi_predict.class_palette(names)
+    shown = {tuple(int(v) for v in palette[labels[i, j] + 1]) for i in range(2) for j in range(2)}
+    shown.add(hsi_predict.UNLABELLED_GT)  # the ground-truth panel's unlabelled pixel
+    assert {rgb for rgb, _ in entries} == shown
+    texts = [t for _, t in entries]
+    assert texts == ["healthy", "tumour", "not classified (border)", "unlabelled (no ground truth)"]
+    assert len({rgb for rgb, _ in entries}) == len(entries)  # no two meanings share a colour
+    full = np.zeros((2, 2), np.int16)
+    assert [t for _, t in hsi_predict.legend_entries(full, names, np.zeros((2, 2), int))] == names
 
 
 def test_model_that_does_not_fit_is_refused(
@@ -200,7 +218,7 @@ def test_predict_without_ground_truth(default_cfg: dict, tmp_path: Path) -> None
     write_manifest(tmp_path / "m.csv", [ImageEntry(image_id="c", patient_id="p", image=str(tmp_path / "c.npy"))])
     cfg = copy.deepcopy(default_cfg)
     cfg["cohorts"]["nogt"] = {"kind": "hsi", "manifest": str(tmp_path / "m.csv")}
-    cfg["studies"]["nogt"] = {"cohort": "nogt", "model": {"name": "conv2dnet"}}
+    cfg["studies"] = {"nogt": {"cohort": "nogt", "positive_class": "b", "model": {"name": "conv2dnet"}}}
     cfg["hsi"].update(patch=3, border="skip", class_names=["a", "b"])
     cfg_path = write_config(config_mod.validate(cfg), tmp_path / "config.yaml")
     _save_conv2dnet(tmp_path / "model.pt", 4, ["a", "b"], 3)

@@ -264,8 +264,10 @@ def single_run(cohort) -> Path:
 def test_single_process_job_outputs(cohort, single_run):
     rec = _assert_learned(single_run)
     assert rec["launch"]["backend"] == "none" and rec["launch"]["ranks"] == 1
-    for key in ("load_args", "prepare_train", "train", "prepare_test", "predict"):
+    for key in ("load_args", "prepare_train", "train", "prepare_test", "predict", "other"):
         assert rec["timings_s"][key] >= 0
+    stages = [v for k, v in rec["timings_s"].items() if k != "epochs"]  # epochs: a breakdown of "train"
+    assert sum(stages) == pytest.approx(rec["wall_s"], abs=1e-9)  # one clock from the start of `run`
     assert len(rec["timings_s"]["epochs"]) == rec["epochs_run"] == 4
     assert rec["throughput"]["train_img_per_s"] > 0 and rec["throughput"]["load_ms_per_patch"] > 0
     plan = json.loads(Path(cohort["folds"]).read_text())
@@ -340,6 +342,8 @@ def test_select_picks_inner_model_and_tests_outer_fold(cohort, single_run, tmp_p
     ]
     assert cli.main(argv) == 0
     rec = json.loads((out / "record.json").read_text())
+    assert sum(rec["timings_s"].values()) == pytest.approx(rec["wall_s"], abs=1e-9)  # stages + other = wall
+    assert rec["timings_s"]["load_args"] < rec["wall_s"]
     values = {c["inner"]: c["value"] for c in rec["candidates"]}
     expected = max(sorted(values), key=lambda i: (values[i], -i))
     assert rec["selected_inner"] == expected and rec["selection_metric"] == "oacc"

@@ -124,7 +124,26 @@ def test_report_lists_the_site_with_measured_numbers(demo_run):
         tests = [read_json(p)["metrics"]["test"]["oacc"] for p in (res / "runs" / study).glob("outer*/record.json")]
         assert row["s_per_epoch_mean"] == pytest.approx(np.mean(epochs)) and row["s_per_epoch_mean"] > 0
         assert row["test_oacc_mean"] == pytest.approx(np.mean(tests))
-        assert f"{row['test_oacc_mean']:.3g}" in md
+        assert f"{row['test_oacc_mean']:.3f}" in md
+
+
+def test_stages_add_up_to_the_wall_time_and_every_slide_has_a_qc_image(demo_run):
+    _, res = demo_run
+    records = [*res.glob("shards/*/*.record.json"), *res.glob("runs/*/outer*/**/record.json")]
+    assert len(records) > 20
+    for path in records:
+        rec = read_json(path)
+        stages = [v for v in rec["timings_s"].values() if not isinstance(v, list)]
+        assert sum(stages) == pytest.approx(rec["wall_s"], abs=1e-6), path
+    slides = sorted(res.glob("shards/wsi_demo/*.record.json"))
+    for path in slides:
+        assert (path.parent / read_json(path)["qc"]["png"]).is_file()
+    html = (res / "report" / "report.html").read_text()
+    assert (
+        html.count('<a href="figures/qc/')
+        == len(slides)
+        == len(list((res / "report" / "figures" / "qc").glob("*.png")))
+    )
 
 
 def test_rerun_after_success_does_nothing(demo_run):

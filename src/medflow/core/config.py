@@ -100,21 +100,24 @@ def load(path: str | Path) -> dict:
     if not isinstance(cfg, dict):
         raise InputError(path, "config must be a mapping")
     validate(cfg, path)
-    check_studies(cfg, path)
+    check_studies(cfg, path, require_cohorts=False)
     return cfg
 
 
-def check_studies(cfg: dict, source: str | Path = "config") -> None:
-    """What the schema cannot say about studies: the cohort exists and the positive class is one of its
-    classes (a misspelled class would silently leave sensitivity and specificity undefined)."""
+def check_studies(cfg: dict, source: str | Path = "config", require_cohorts: bool = True) -> None:
+    """What the schema cannot say about studies: the cohort exists (when ``require_cohorts``: the workflow
+    needs every study's cohort, a single command only the ones it uses) and the positive class is one of
+    its classes (a misspelled class would silently leave sensitivity and specificity undefined)."""
     for name, spec in cfg.get("studies", {}).items():
         cohort = cfg.get("cohorts", {}).get(spec["cohort"])
         if cohort is None:
-            raise InputError(
-                source,
-                f"studies.{name}.cohort: {spec['cohort']!r} is not a cohort "
-                f"(cohorts: {sorted(cfg.get('cohorts', {}))})",
-            )
+            if require_cohorts:
+                raise InputError(
+                    source,
+                    f"studies.{name}.cohort: {spec['cohort']!r} is not a cohort "
+                    f"(cohorts: {sorted(cfg.get('cohorts', {}))})",
+                )
+            continue
         classes = class_names(cfg, cohort["kind"])
         if spec["positive_class"] not in classes:
             raise InputError(

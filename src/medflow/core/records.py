@@ -18,9 +18,22 @@ def now_iso() -> str:
 
 
 class JobRecord(dict):
-    """A dict with helpers to time stages. Write with ``save``; the file is replaced atomically."""
+    """A dict with helpers to time stages. Write with ``save``; the file is replaced atomically.
 
-    def __init__(self, job: str, cfg: dict | None, sections: tuple[str, ...] = (), **fields: Any):
+    One clock (``time.perf_counter``) measures the wall time (from ``clock_start``, default: now) and
+    every stage. Stages must not overlap; ``finish`` adds ``timings_s.other`` = wall − the scalar
+    stages, so the stages of a record sum to its ``wall_s``.
+    """
+
+    def __init__(
+        self,
+        job: str,
+        cfg: dict | None,
+        sections: tuple[str, ...] = (),
+        *,
+        clock_start: float | None = None,
+        **fields: Any,
+    ):
         cfg = cfg or {}
         super().__init__(
             job=job,
@@ -37,7 +50,7 @@ class JobRecord(dict):
             throughput={},
         )
         self.update(fields)
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() if clock_start is None else clock_start
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -52,6 +65,10 @@ class JobRecord(dict):
         self["status"] = status
         self["finished"] = now_iso()
         self["wall_s"] = time.perf_counter() - self._t0
+        timings = self["timings_s"]
+        timings.pop("other", None)
+        staged = sum(v for v in timings.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        timings["other"] = max(0.0, self["wall_s"] - staged)
         return self
 
     def save(self, path: str | Path) -> None:

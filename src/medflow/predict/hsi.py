@@ -45,7 +45,7 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "background": (90, 90, 90),
 }
 NO_PREDICTION = (0, 0, 0)  # border pixels skipped (border: skip)
-UNLABELLED_GT = (40, 40, 40)  # ground-truth panel: pixels without a label
+UNLABELLED_GT = (200, 200, 200)  # ground-truth panel: pixels without a label (light: unlike "not classified")
 
 
 def class_palette(class_names: list[str]) -> np.ndarray:
@@ -99,6 +99,20 @@ def write_npz(path: Path, labels: np.ndarray, probs: np.ndarray, class_names: li
     fsio.write_npz(path, compressed=True, labels=labels, probabilities=probs, class_names=np.array(class_names))
 
 
+def legend_entries(
+    labels: np.ndarray, class_names: list[str], gt: np.ndarray | None
+) -> list[tuple[tuple[int, ...], str]]:
+    """(RGB, text) of every colour a map shows: the classes, and when present the pixels the model did
+    not classify (border: skip) and the ground-truth panel's unlabelled pixels."""
+    palette = class_palette(class_names)
+    entries = [(tuple(int(v) for v in palette[i + 1]), name) for i, name in enumerate(class_names)]
+    if (labels < 0).any():
+        entries.append((NO_PREDICTION, "not classified (border)"))
+    if gt is not None and (gt < 0).any():
+        entries.append((UNLABELLED_GT, "unlabelled (no ground truth)"))
+    return entries
+
+
 def write_png(
     path: Path, image_id: str, labels: np.ndarray, class_names: list[str], gt: np.ndarray | None = None
 ) -> None:
@@ -124,9 +138,10 @@ def write_png(
         ax.imshow(rgb, interpolation="nearest")
         ax.set_title(f"{image_id}: {title}", fontsize=8)
         ax.set_axis_off()
-    handles = [Patch(color=tuple(palette[i + 1] / 255.0), label=name) for i, name in enumerate(class_names)]
-    if (labels < 0).any():
-        handles.append(Patch(color=tuple(np.array(NO_PREDICTION) / 255.0), label="border (not classified)"))
+    handles = [
+        Patch(color=tuple(np.asarray(rgb) / 255.0), label=text)
+        for rgb, text in legend_entries(labels, class_names, gt if len(panels) > 1 else None)
+    ]
     axes[0][-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
     fig.subplots_adjust(wspace=0.05)
     with fsio.atomic_path(path) as tmp:
@@ -237,6 +252,7 @@ def images_to_map(cfg: dict, args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     cfg = config_mod.load(args.config)
     config_mod.study(cfg, args.study, args.config)
     items = images_to_map(cfg, args)
@@ -245,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         "predict-hsi",
         cfg,
         ("hsi", f"studies.{args.study}", "cohorts"),
+        clock_start=t0,
         study=args.study,
         cohort=args.cohort,
         outer=args.outer,
@@ -252,12 +269,14 @@ def run(args: argparse.Namespace) -> int:
         images=[],
         metrics={},
     )
-    wanted = cfg["hsi"]["predict_device"]
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise InputError(args.config, "hsi.predict_device is cuda but no CUDA device is visible")
-    device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
-    threads = cpu_threads()
-    torch.set_num_threads(threads)
+    record["timings_s"]["load_args"] = time.perf_counter() - t0
+    with record.timed("setup"):  # CUDA initialisation can take seconds on a GPU node
+        wanted = cfg["hsi"]["predict_device"]
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise InputError(args.config, "hsi.predict_device is cuda but no CUDA device is visible")
+        device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+        threads = cpu_threads()
+        torch.set_num_threads(threads)
     record["threads"] = threads
     with record.timed("load_model"):
         model, meta = load_model(args.model, device)

@@ -16,7 +16,7 @@ from ..core import config as config_mod
 from ..core import fsio
 from ..core.errors import InputError
 from ..core.records import now_iso
-from . import html_page
+from . import html_page, slide_qc
 from . import plots as report_plots
 from . import summary as summary_mod
 from .tables import CSV_TABLES, Table, csv_text, data_tables, display_tables, markdown_table, site_labels
@@ -36,6 +36,8 @@ def markdown(title: str, generated: str, display: list[Table], figures: list[dic
         parts += [f"## {table.title}", "", markdown_table(table), ""]
         if table.note:
             parts += [f"_{table.note}_", ""]
+    parts += slide_qc.markdown(figures)
+    figures = [f for f in figures if f.get("kind") != "qc"]
     if figures:
         parts += ["## Figures", ""]
         for fig in figures:
@@ -54,7 +56,12 @@ def build_report(summaries: list[dict], cfg: dict, out_dir: str | Path) -> dict[
     tables = data_tables(summaries, labels)
     display = display_tables(summaries, labels)
     figures = report_plots.make_figures(summaries, labels, out_dir / "figures", cfg)
-    for name in CSV_TABLES:
+    if any(s.get("slide_qc") for s in summaries):
+        tables["slide_qc"] = slide_qc.data_table(summaries, labels, cfg)
+        after = next((i + 1 for i, t in enumerate(display) if t.name == "preprocessing"), len(display))
+        display.insert(after, slide_qc.display_table(summaries, labels, cfg))
+        figures += slide_qc.gallery(summaries, labels, out_dir / "figures", cfg)
+    for name in [*CSV_TABLES, *(["slide_qc"] if "slide_qc" in tables else [])]:
         fsio.write_text(out_dir / f"{name}.csv", csv_text(tables[name]))
     doc = {
         "format": REPORT_FORMAT,
@@ -62,7 +69,7 @@ def build_report(summaries: list[dict], cfg: dict, out_dir: str | Path) -> dict[
         "generated": generated,
         "sites": labels,
         "tables": {name: t.as_json() for name, t in tables.items()},
-        "figures": [{k: v for k, v in f.items() if k != "abs_path"} for f in figures],
+        "figures": [{k: v for k, v in f.items() if k not in ("abs_path", "thumb_uri")} for f in figures],
         "summaries": dict(zip(labels, summaries)),
     }
     fsio.write_json(out_dir / "report.json", doc)

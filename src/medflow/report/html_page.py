@@ -27,6 +27,11 @@ nav a{margin-right:1rem}
 .maps{display:flex;flex-wrap:wrap;gap:1rem}
 .maps figure{flex:0 1 520px}
 .maps figure img{width:100%}
+.qc{display:flex;flex-wrap:wrap;gap:.8rem}
+.qc figure{flex:0 0 250px;margin:0}
+.qc figure img{width:100%;border:2px solid #e2e8f0}
+.qc figure.flagged img{border-color:#c53030}
+.qc .flags{color:#c53030;font-weight:600}
 """
 
 
@@ -58,6 +63,34 @@ def figure_html(fig: dict[str, Any]) -> str:
     )
 
 
+def qc_gallery_html(entries: list[dict[str, Any]]) -> list[str]:
+    """Slide QC small multiples: embedded thumbnails linking to the full-size images next to the report;
+    slides beyond the embedded ones are listed as links."""
+    if not entries:
+        return []
+    shown = [e for e in entries if e.get("thumb_uri")]
+    rest = [e for e in entries if not e.get("thumb_uri")]
+    parts = [
+        '<h2 id="slide-qc-images">Slide QC images</h2>',
+        '<p class="note">Tissue-mask contour, annotations and the stored patches by class (grey: rejected by '
+        "wsi.quality). Click a thumbnail for the full-size image (<code>figures/qc/</code> next to this report); "
+        "flagged slides first, outlined red.</p>",
+        '<div class="qc">',
+    ]
+    for e in shown:
+        flags = f'<br><span class="flags">{_cell(", ".join(e["flags"]))}</span>' if e["flags"] else ""
+        parts.append(
+            f'<figure class="{"flagged" if e["flags"] else ""}"><a href="{_cell(e["path"])}">'
+            f'<img alt="QC {_cell(e["title"])}" src="{e["thumb_uri"]}"></a>'
+            f"<figcaption>{_cell(e['title'])}: {_cell(e['caption'])}{flags}</figcaption></figure>"
+        )
+    parts.append("</div>")
+    if rest:
+        links = ", ".join(f'<a href="{_cell(e["path"])}">{_cell(e["title"])}</a>' for e in rest)
+        parts.append(f'<p class="note">{len(rest)} more (report.qc.max_slides): {links}</p>')
+    return parts
+
+
 def render(
     title: str,
     generated: str,
@@ -67,8 +100,10 @@ def render(
     figures: list[dict[str, Any]],
 ) -> str:
     nav = "".join(f'<a href="#{_cell(t.name)}">{_cell(t.title)}</a>' for t in tables)
-    plots = [f for f in figures if f.get("kind") != "map"]
+    plots = [f for f in figures if f.get("kind") not in ("map", "qc")]
     maps = [f for f in figures if f.get("kind") == "map"]
+    qc = [f for f in figures if f.get("kind") == "qc"]
+    qc_link = '<a href="#slide-qc-images">Slide QC images</a>' if qc else ""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -77,8 +112,9 @@ def render(
         f"<h1>{_cell(title)}</h1>",
         f'<p class="meta">Generated {_cell(generated)} by medflow from the job records of {len(labels)} site(s): '
         f"{_cell(', '.join(labels))}. The same numbers are in <code>report.json</code> and the CSV files.</p>",
-        f'<nav>{nav}<a href="#figures">Figures</a></nav>',
+        f'<nav>{nav}{qc_link}<a href="#figures">Figures</a></nav>',
         *[table_html(t) for t in tables],
+        *qc_gallery_html(qc),
         '<h2 id="figures">Figures</h2>',
         *[figure_html(f) for f in plots],
     ]

@@ -38,8 +38,25 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
 
 
-def _grouped_bars(ax: plt.Axes, groups: list[str], labels: list[str], means: np.ndarray, stds: np.ndarray) -> None:
-    """One group of bars per x item, one bar per site, error bars = std (NaN = not measured)."""
+def clipped_errors(means: np.ndarray, stds: np.ndarray, bounds: tuple[float, float] | None) -> np.ndarray:
+    """(2, n) lower/upper error bar lengths: ± std, cut at ``bounds`` (a metric's range), data unchanged."""
+    means, stds = np.nan_to_num(means), np.nan_to_num(stds)
+    lower, upper = stds.copy(), stds.copy()
+    if bounds is not None:
+        lower = np.clip(np.minimum(lower, means - bounds[0]), 0, None)
+        upper = np.clip(np.minimum(upper, bounds[1] - means), 0, None)
+    return np.stack([lower, upper])
+
+
+def _grouped_bars(
+    ax: plt.Axes,
+    groups: list[str],
+    labels: list[str],
+    means: np.ndarray,
+    stds: np.ndarray,
+    bounds: tuple[float, float] | None = None,
+) -> None:
+    """One group of bars per x item, one bar per site, error bars = std cut at ``bounds`` (NaN = not measured)."""
     n_sites = len(labels)
     width = 0.8 / max(n_sites, 1)
     x = np.arange(len(groups))
@@ -48,7 +65,7 @@ def _grouped_bars(ax: plt.Axes, groups: list[str], labels: list[str], means: np.
             x + (i - (n_sites - 1) / 2) * width,
             np.nan_to_num(means[:, i]),
             width,
-            yerr=np.nan_to_num(stds[:, i]),
+            yerr=clipped_errors(means[:, i], stds[:, i], bounds),
             capsize=3,
             label=label,
             color=SITE_COLOURS[i % 10],
@@ -74,7 +91,7 @@ def accuracy_figure(summaries: list[dict], labels: list[str], studies: list[str]
             for i, key in enumerate(splits):
                 if st:
                     means[i, j], stds[i, j] = _stat(st[key])
-        _grouped_bars(ax, ["train", "val", "test"], labels, means, stds)
+        _grouped_bars(ax, ["train", "val", "test"], labels, means, stds, bounds=(0.0, 1.0))
         ax.set_ylim(0, 1.05)
         ax.set_title(study)
         ax.set_ylabel("overall accuracy")
@@ -269,7 +286,8 @@ def make_figures(summaries: list[dict], labels: list[str], out_dir: Path, cfg: d
                 out_dir,
                 "accuracy",
                 "Accuracy per site (mean ± std over folds)",
-                "train/val: inner runs; test: outer folds' selected models",
+                "train/val: inner runs; test: outer folds' selected models; error bars ± std, cut at 1.0 "
+                "(the tables give the full std)",
                 accuracy_figure(summaries, labels, studies),
             )
         )

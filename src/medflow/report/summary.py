@@ -17,8 +17,9 @@ from ..core import config as config_mod
 from ..core import fsio, provenance
 from ..core.errors import InputError
 from ..core.records import now_iso
+from . import slide_qc
 from .collect import collect_records, read_curves
-from .energy import add_hours, device_hours, energy, gpu_devices
+from .energy import add_hours, device_hours, energy, gpu_devices, job_cores
 from .stats import finite, mean_std, parse_time, ratio, total
 
 SUMMARY_FORMAT = "medflow-summary/1"
@@ -26,8 +27,11 @@ EXTRACT_JOBS = ("extract-wsi", "extract-hsi")
 NESTED_CV_JOBS = ("train", "select", "refit", "test", "predict-hsi")
 
 
-def site_identity(records: dict[str, list[dict]], site_dir: Path) -> dict[str, Any]:
-    """The site as the jobs recorded it: the most common name, every host, CPU and GPU models seen."""
+def site_identity(records: dict[str, list[dict]], site_dir: Path, cfg: dict | None = None) -> dict[str, Any]:
+    """The site as the jobs recorded it: the most common name, every host, CPU and GPU models seen.
+
+    ``cpu_count`` is what a node offered a job (its CPU affinity: the whole machine outside a batch
+    system); ``job_cores`` what a training job held (ranks × threads per rank, as for core-hours)."""
     all_recs = [r for recs in records.values() for r in recs]
     sites = [r.get("site") or {} for r in all_recs]
     names = Counter(s.get("name") for s in sites if s.get("name"))
@@ -47,6 +51,10 @@ def site_identity(records: dict[str, list[dict]], site_dir: Path) -> dict[str, A
         "hosts": sorted({s.get("host") for s in sites if s.get("host")}),
         "cpu": most_common("cpu", train_sites) or "",
         "cpu_count": int(max(cpu_counts)) if cpu_counts else None,
+        "job_cores": max(
+            (job_cores(r, cfg or {}) for r in records.get("train") or [r for recs in records.values() for r in recs]),
+            default=None,
+        ),
         "gpus": sorted(gpus),
         "gpu_count": int(max(gpu_counts)) if gpu_counts else 0,
     }
@@ -243,6 +251,7 @@ _TEST_KEYS = (
     "class_names",
     "positive_class",
     "per_class_recall",
+    "support",
 )
 
 
@@ -301,11 +310,12 @@ def stages(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     out = {}
     for job, recs in sorted(records.items()):
         ok = [r for r in recs if r.get("status") == "ok"]
-        stage_values: dict[str, list[float]] = defaultdict(list)
-        for r in ok:
-            for stage, value in (r.get("timings_s") or {}).items():
-                if finite([value]):
-                    stage_values[stage].append(float(value))
+        names = list(dict.fromkeys(s for r in ok for s, v in (r.get("timings_s") or {}).items() if finite([v])))
+        names = [n for n in names if n != "other"] + ["other"] * ("other" in names)
+        # A stage a job did not run counts 0 s, so the stage means add up to the mean wall time.
+        stage_values: dict[str, list[float]] = {
+            stage: [(finite([(r.get("timings_s") or {}).get(stage)]) or [0.0])[0] for r in ok] for stage in names
+        }
         out[job] = {
             "n": len(recs),
             "ok": len(ok),
@@ -401,7 +411,7 @@ def summarize(site_dir: str | Path, cfg: dict) -> dict[str, Any]:
     all_recs = [r for recs in records.values() for r in recs]
     return {
         "format": SUMMARY_FORMAT,
-        "site": site_identity(records, site_dir),
+        "site": site_identity(records, site_dir, cfg),
         "site_dir": str(site_dir.resolve()),
         "generated": now_iso(),
         "generated_by": provenance.software()["medflow"],
@@ -419,6 +429,7 @@ def summarize(site_dir: str | Path, cfg: dict) -> dict[str, Any]:
         "preprocessing": preprocessing(records),
         "studies": _with_test_patients(studies(records, cfg, epochs_for_time), plans),
         "stages": stages(records),
+        "slide_qc": slide_qc.slide_rows(records, site_dir),
         "energy": energy(records, cfg),
         "bench": bench_results(site_dir),
         "verification": verification(site_dir),
@@ -431,7 +442,7 @@ def _with_test_patients(by_study: dict[str, dict], plans: dict[str, dict]) -> di
         tests = (plans.get(study) or {}).get("test_patients", {})
         for fold in st["outer"]:
             patients = tests.get(fold.get("outer"))
-            fold["test_patients"] = len(patients) if patients is not None else None
+            fold["test_patients"] = list(patients) if patients is not None else None
     return by_study
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..core.metrics import mean_std as metrics_mean_std
 
 CSV_TABLES = ("sites", "preprocessing", "training", "stages", "nested_cv", "energy")
 
@@ -41,16 +44,45 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def fmt_ms(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    """'mean ± std' of a summary mean_std dict (just the mean when n == 1)."""
+def fmt_ms(stat: dict[str, Any] | None, digits: int = 3, decimals: int | None = None) -> str:
+    """'mean ± std' of a summary mean_std dict (just the mean when n == 1), both with the same
+    decimals: ``decimals`` when given (bounded metrics: 3), else enough for ``digits`` significant
+    digits of the larger of |mean| and std (so "0.999 ± 0.001", never "1 ± 0.000504")."""
     if not stat or stat.get("mean") is None:
         return "–"
-    if (stat.get("n") or 0) > 1 and stat.get("std") is not None:
-        std = stat["std"]
-        if abs(std) < 1e-9 * max(1.0, abs(stat["mean"])):  # float noise of identical values
-            std = 0.0
-        return f"{fmt(stat['mean'], digits)} ± {fmt(std, digits)}"
-    return fmt(stat["mean"], digits)
+    mean = float(stat["mean"])
+    std = float(stat["std"]) if (stat.get("n") or 0) > 1 and stat.get("std") is not None else None
+    if std is not None and abs(std) < 1e-9 * max(1.0, abs(mean)):  # float noise of identical values
+        std = 0.0
+    if decimals is None:
+        magnitude = max(abs(mean), std or 0.0)
+        decimals = max(0, digits - 1 - math.floor(math.log10(magnitude))) if magnitude > 0 else 0
+    text = f"{mean:.{decimals}f}"
+    return text if std is None else f"{text} ± {std:.{decimals}f}"
+
+
+#: Decimals of metrics bounded to [0, 1] (accuracy, sensitivity, specificity, AUC, F1) in display tables.
+METRIC_DECIMALS = 3
+
+
+def fmt_metric(value: Any) -> str:
+    """A metric in [0, 1] with ``METRIC_DECIMALS`` decimals ('–' when undefined)."""
+    return "–" if value is None else f"{float(value):.{METRIC_DECIMALS}f}"
+
+
+def fmt_metric_ms(stat: dict[str, Any] | None) -> str:
+    return fmt_ms(stat, decimals=METRIC_DECIMALS)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000.0 * seconds
+
+
+def _ms_stat(stat: dict | None) -> dict | None:
+    """A seconds mean_std dict in milliseconds."""
+    if not stat or stat.get("mean") is None:
+        return stat
+    return {**stat, "mean": 1000.0 * stat["mean"], "std": None if stat.get("std") is None else 1000.0 * stat["std"]}
 
 
 def _mean(stat: dict | None) -> float | None:
@@ -299,6 +331,7 @@ def _nested_cv_table(summaries: list[dict], labels: list[str]) -> Table:
             "selected_inner",
             "selection_metric",
             "test_patients",
+            "n_test_patients",
             "n",
             *_FOLD_METRICS,
             "positive_class",
@@ -319,6 +352,7 @@ def _nested_cv_table(summaries: list[dict], labels: list[str]) -> Table:
                             fold.get("selected_inner"),
                             fold.get("selection_metric"),
                             fold.get("test_patients"),
+                            len(fold["test_patients"]) if isinstance(fold.get("test_patients"), list) else None,
                             test.get("n"),
                             *[test.get(m) for m in _FOLD_METRICS],
                             test.get("positive_class"),
@@ -373,6 +407,7 @@ def display_tables(summaries: list[dict], labels: list[str]) -> list[Table]:
         _display_preprocessing(summaries, labels),
         _display_training(summaries, labels),
         _display_nested_cv(summaries, labels),
+        *([_display_per_class(summaries, labels)] if _any_per_class(summaries) else []),
         _display_stages(summaries, labels),
         _display_energy(summaries, labels),
         *([_display_bench(summaries, labels)] if any(s.get("bench") for s in summaries) else []),
@@ -385,7 +420,7 @@ def _display_sites(summaries: list[dict], labels: list[str]) -> Table:
         ("cluster", lambda s: s["site"].get("cluster") or "–"),
         ("hosts", lambda s: ", ".join(s["site"].get("hosts") or []) or "–"),
         ("CPU", lambda s: s["site"].get("cpu") or "–"),
-        ("CPU cores (per job)", lambda s: fmt(s["site"].get("cpu_count"))),
+        ("CPU cores per training job (node)", _cores_cell),
         (
             "GPUs (per job)",
             lambda s: (
@@ -407,6 +442,13 @@ def _display_sites(summaries: list[dict], labels: list[str]) -> Table:
     for name, get in rows:
         t.rows.append([name, *[get(s) for s in summaries]])
     return t
+
+
+def _cores_cell(s: dict) -> str:
+    """The cores a training job held (ranks × threads per rank) and, in brackets, what its node offered."""
+    site = s["site"]
+    node = f" (node {fmt(site.get('cpu_count'))})" if site.get("cpu_count") else ""
+    return f"{fmt(site.get('job_cores'))}{node}"
 
 
 def _display_cohorts(summaries: list[dict], labels: list[str]) -> Table:
@@ -455,8 +497,9 @@ def _display_preprocessing(summaries: list[dict], labels: list[str]) -> Table:
         "preprocessing",
         "Data pre-processing",
         ["", *labels],
-        note="s/patch = extraction job wall time ÷ patches extracted (WSI: patch sampling incl. tissue "
-        "detection and reading; HSI: the whole chain and patch extraction); ms/patch data loading as "
+        note="extraction ms/patch = the cohort's extraction job wall time ÷ patches extracted (WSI: patch "
+        "sampling incl. tissue detection, reading and the QC image; HSI: the whole chain and patch extraction); "
+        "per image: mean ± std over images of each job's ms/patch (the figure); data loading ms/patch as "
         "measured by the training jobs (mean ± std over jobs).",
     )
     for cohort in _union(summaries, lambda s: s["preprocessing"]):
@@ -467,7 +510,15 @@ def _display_preprocessing(summaries: list[dict], labels: list[str]) -> Table:
             p = s["preprocessing"].get(cohort)
             return get(p) if p else "–"
 
-        t.rows.append([f"{what} (s/patch) — {cohort}", *[cell(s, lambda p: fmt(p["s_per_patch"])) for s in summaries]])
+        t.rows.append(
+            [f"{what} (ms/patch) — {cohort}", *[cell(s, lambda p: fmt(_ms(p["s_per_patch"]))) for s in summaries]]
+        )
+        t.rows.append(
+            [
+                f"{what} per image (ms/patch, mean ± std) — {cohort}",
+                *[cell(s, lambda p: fmt_ms(_ms_stat(p.get("s_per_patch_images")))) for s in summaries],
+            ]
+        )
         t.rows.append(
             [
                 f"data loading (ms/patch) — {cohort}",
@@ -519,10 +570,10 @@ def _display_training(summaries: list[dict], labels: list[str]) -> Table:
                     label,
                     st["model"],
                     fmt(_mean(st.get("train_patches"))),
-                    fmt_ms(st["train_oacc"]),
-                    fmt_ms(st["val_oacc"]),
-                    fmt_ms(st["test_oacc"]),
-                    fmt_ms(st.get("refit_test_oacc")),
+                    fmt_metric_ms(st["train_oacc"]),
+                    fmt_metric_ms(st["val_oacc"]),
+                    fmt_metric_ms(st["test_oacc"]),
+                    fmt_metric_ms(st.get("refit_test_oacc")),
                     fmt_ms(st["s_per_epoch"]),
                     fmt(st["time_n_epochs_s"]),
                     fmt(_hours(st["nested_cv_wall_s"])),
@@ -557,9 +608,10 @@ def _display_nested_cv(summaries: list[dict], labels: list[str]) -> Table:
             "specificity",
             "AUC",
         ],
-        note="sensitivity/specificity of the study's positive class vs the rest; selected inner = the best inner "
-        "model on validation, refit = the selected configuration retrained on the whole outer training set "
-        "(select.refit); last rows per site: mean ± std of each.",
+        note="sensitivity/specificity of the study's positive class vs the rest; AUC: of the positive class for "
+        "two classes, macro one-vs-rest for more; selected inner = the best inner model on validation, refit = "
+        "the selected configuration retrained on the whole outer training set (select.refit); last rows per "
+        "site: mean ± std over outer folds of each.",
     )
     for study in _union(summaries, lambda s: s["studies"]):
         outers = sorted(
@@ -578,9 +630,9 @@ def _display_nested_cv(summaries: list[dict], labels: list[str]) -> Table:
                                 fmt(outer),
                                 label,
                                 fmt(fold.get("selected_inner")) if model == "selected" else "refit",
-                                fmt(fold.get("test_patients")),
+                                patient_list(fold.get("test_patients")),
                                 fmt(test.get("n")),
-                                *[fmt(test.get(m)) for m in ("oacc", "sensitivity", "specificity", "auc")],
+                                *[fmt_metric(test.get(m)) for m in ("oacc", "sensitivity", "specificity", "auc")],
                             ]
                         )
         for label, s in zip(labels, summaries):
@@ -597,14 +649,75 @@ def _display_nested_cv(summaries: list[dict], labels: list[str]) -> Table:
                             "",
                             "",
                             "",
-                            *[fmt_ms(st.get(f"{prefix}{m}")) for m in ("oacc", "sensitivity", "specificity", "auc")],
+                            *[
+                                fmt_metric_ms(st.get(f"{prefix}{m}"))
+                                for m in ("oacc", "sensitivity", "specificity", "auc")
+                            ],
                         ]
                     )
     return t
 
 
+def _any_per_class(summaries: list[dict]) -> bool:
+    return any(
+        (f.get("test") or {}).get("per_class_recall")
+        for s in summaries
+        for st in s["studies"].values()
+        for f in st["outer"]
+    )
+
+
+def _display_per_class(summaries: list[dict], labels: list[str]) -> Table:
+    """Recall of every class (any number of classes) and macro F1, mean ± std over the outer folds."""
+    t = Table(
+        "per_class",
+        "Per-class test recall (mean ± std over outer folds)",
+        ["study", "class", *labels],
+        note="recall = share of a class's test patches predicted as that class; patches = test patches of the "
+        "class summed over the outer folds; macro F1 = unweighted mean of the per-class F1.",
+    )
+    for study in _union(summaries, lambda s: s["studies"]):
+        folds = [(s["studies"].get(study) or {}).get("outer", []) for s in summaries]
+        names = _union(
+            [{"f": fs} for fs in folds],
+            lambda d: {n: 1 for f in d["f"] for n in (f.get("test") or {}).get("class_names") or []},
+        )
+        for name in names:
+            cells = []
+            for fs in folds:
+                recalls = [((f.get("test") or {}).get("per_class_recall") or {}).get(name) for f in fs]
+                patches = [((f.get("test") or {}).get("support") or {}).get(name) for f in fs]
+                n = sum(int(p) for p in patches if p is not None)
+                cells.append(f"{fmt_metric_ms(metrics_mean_std(recalls))} ({n} patches)" if fs else "–")
+            t.rows.append([study, name, *cells])
+        t.rows.append(
+            [
+                study,
+                "macro F1",
+                *[fmt_metric_ms(metrics_mean_std((f.get("test") or {}).get("macro_f1") for f in fs)) for fs in folds],
+            ]
+        )
+    return t
+
+
+def patient_list(patients: Any, limit: int = 12) -> str:
+    """Test patient ids (the first ``limit``, then how many more); report.json and the CSV list all."""
+    if patients is None:
+        return "–"
+    if not isinstance(patients, list):  # a summary written before the ids were kept: a count
+        return fmt(patients)
+    shown = ", ".join(map(str, patients[:limit]))
+    return shown + (f", … (+{len(patients) - limit})" if len(patients) > limit else "")
+
+
 def _display_stages(summaries: list[dict], labels: list[str]) -> Table:
-    t = Table("stages", "Stage timings per job type (s, mean ± std over jobs)", ["job", "stage", *labels])
+    t = Table(
+        "stages",
+        "Stage timings per job type (s, mean ± std over jobs)",
+        ["job", "stage", *labels],
+        note="stages of a job do not overlap and 'other' is its wall time not in a stage, so the stage means add "
+        "up to the mean job wall time (a stage a job did not run counts 0 s).",
+    )
     for job in _union(summaries, lambda s: s["stages"]):
         stage_names = ["wall", *_union(summaries, lambda s: (s["stages"].get(job) or {}).get("timings_s", {}))]
         for stage in stage_names:
@@ -673,8 +786,19 @@ def csv_text(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(table.columns)
     for row in table.rows:
-        writer.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
+        writer.writerow([_csv_cell(v) for v in row])
     return buf.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    """Full precision floats, lists (patient ids) space-separated, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return value
 
 
 def markdown_table(table: Table) -> str:

@@ -312,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
             "train",
             job.cfg,
             record_sections(job.study),
+            clock_start=t0,
             study=job.study,
             cohort=job.index["cohort"],
             kind=job.index["kind"],

@@ -10,7 +10,6 @@ patients, the digests of what was read and of what was written.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +108,9 @@ def test_model(model: nn.Module, fold: OuterFold, record: JobRecord) -> dict[str
     return test
 
 
-def finish(record: JobRecord, fold: OuterFold, outputs: list[str], t0: float) -> None:
+def finish(record: JobRecord, fold: OuterFold, outputs: list[str]) -> None:
     """Digests of the outputs, then the record, written last."""
     record["outputs"] = {name: {"path": name, "sha256": fsio.sha256_file(fold.out_dir / name)} for name in outputs}
-    record["timings_s"]["load_args"] = record["timings_s"].get("load_args", time.perf_counter() - t0)
     record.finish("ok").save(fold.out_dir / "record.json")
 
 

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "select",
         fold.cfg,
         (f"studies.{args.study}", "folds"),
+        clock_start=t0,
         study=args.study,
         cohort=fold.index["cohort"],
         kind=fold.index["kind"],
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     record["metrics"] = {"val": best["record"]["metrics"].get("val"), "test": test}
     selection = {"selected_inner": best["inner"], "selection_metric": metric, "selection_value": best["value"]}
     models.save_model(fold.out_dir / "model.pt", model, {**meta, **selection, "test_oacc": test["oacc"]})
-    finish(record, fold, ["model.pt", "predictions.npz"], t0)
+    finish(record, fold, ["model.pt", "predictions.npz"])
     print(f"select {fold.out_dir}: inner {best['inner']} ({metric} {best['value']}), test oacc {test['oacc']}")
     return 0
 

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         "test",
         fold.cfg,
         (f"studies.{args.study}", "folds"),
+        clock_start=t0,
         study=args.study,
         cohort=fold.index["cohort"],
         kind=fold.index["kind"],
@@ -43,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
     )
     record["timings_s"]["load_args"] = time.perf_counter() - t0
     record["metrics"] = {"test": test_model(model, fold, record)}
-    finish(record, fold, ["predictions.npz"], t0)
+    finish(record, fold, ["predictions.npz"])
     print(f"test {fold.out_dir}: {args.model} test oacc {record['metrics']['test']['oacc']}")
     return 0

@@ -191,7 +191,8 @@ def test_extract_hsi_shard_record_and_index(tiny: tuple[dict, Path], tmp_path: P
     shard, record_path = out / "img0.h5", out / "img0.record.json"
     record = json.loads(record_path.read_text())
     assert record["status"] == "ok" and record["shard"] == "img0.h5" and record["job"] == "extract-hsi"
-    assert set(record["timings_s"]) == set(hsi_job.TIMING_KEYS)
+    assert set(record["timings_s"]) == {*hsi_job.TIMING_KEYS, "other"}
+    assert sum(record["timings_s"].values()) == pytest.approx(record["wall_s"], abs=1e-9)  # stages + other = wall
     assert {"s_per_patch", "patches_per_s", "s_per_image", "bytes_written"} <= set(record["throughput"])
     assert record["counts"] == {"healthy": 10, "tumour": 10, "venous": 10, "arterial": 10, "dura": 10}
     entry = ImageEntry(

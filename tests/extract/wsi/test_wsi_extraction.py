@@ -48,8 +48,11 @@ def _tumour_fraction(x: int, y: int, size: float, n: int = 32) -> float:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+def write_synthetic(d: Path) -> dict[str, Path]:
     """A textured tissue pyramid (deflate, exact pixels) + the donut as GeoJSON (hole) and ASAP (exclusion)."""
-    d = tmp_path_factory.mktemp("synthetic")
     rng = np.random.default_rng(3)
     rgb = np.full((H, W, 3), 242, np.uint8)
     tissue = rng.integers(0, 60, (H - 2 * MARGIN, W - 2 * MARGIN, 3)).astype(np.uint8) + np.array(
@@ -199,7 +202,11 @@ def test_random_extraction_pixels_labels_and_provenance(synthetic, default_cfg, 
     shard = tmp_path / "out" / "s1.h5"
     assert rec["status"] == "ok" and rec["shard"] == "s1.h5"
     assert rec["counts"] == {"normal": 25, "tumour": 25} and rec["n_patches"] == 50
-    assert set(rec["timings_s"]) >= {"open", "mask", "annotations", "sampling", "read", "write"}
+    assert set(rec["timings_s"]) >= {"open", "mask", "annotations", "sampling", "read", "write", "qc", "other"}
+    # one clock, non-overlapping stages: they and "other" add up to the wall time; the writer thread's
+    # time overlaps "read" and is reported apart
+    assert sum(rec["timings_s"].values()) == pytest.approx(rec["wall_s"], abs=1e-9)
+    assert 0 < rec["concurrent_s"]["write_thread"] <= rec["timings_s"]["read"] + rec["timings_s"]["write"]
     assert rec["throughput"]["bytes_written"] == shard.stat().st_size
     _assert_same_as_read_region(shard, synthetic["slide"])
     patches, coords, labels, attrs = _load(shard)

@@ -5,6 +5,10 @@ and GeoJSON (QuPath exports: FeatureCollection, a bare list of Features, Feature
 Polygon / MultiPolygon with holes; class from ``properties.classification.name``). Coordinates are
 level-0 pixels. ``rasterize`` draws the union of the polygons of some groups, minus their holes,
 minus the polygons of exclusion groups, into a boolean mask at any downsample.
+
+Nested groups: an ASAP ``<Group Name=... PartOfGroup=...>`` chain, and QuPath's derived classes
+(``"Tumor: Positive"``, or ``classification.names``), give each polygon its ancestor groups
+(``Polygon.parents``, nearest first), so a class map can name a parent group.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ class Polygon:
     holes: list[np.ndarray] = field(default_factory=list)
     group: str = ""
     name: str = ""
+    parents: tuple[str, ...] = ()  # ancestor groups of ``group``, nearest first
+
+    @property
+    def lineage(self) -> tuple[str, ...]:
+        """The polygon's group followed by its ancestors."""
+        return (self.group, *self.parents) if self.group else self.parents
 
     def bounds(self) -> tuple[float, float, float, float]:
         x0, y0 = self.exterior.min(axis=0)
@@ -80,6 +90,7 @@ def parse_asap_xml(path: str | Path, marks: list[Mark] | None = None) -> list[Po
         raise InputError(path, f"malformed ASAP XML ({exc})") from None
     if root.tag != "ASAP_Annotations":
         raise InputError(path, f"not an ASAP annotation file (root element <{root.tag}>)")
+    parent_of = {g.get("Name", ""): g.get("PartOfGroup", "None") for g in root.iter("Group")}
     polygons = []
     for ann in root.iter("Annotation"):
         if ann.get("Type", "Polygon").lower() not in _ASAP_AREA_TYPES:
@@ -94,8 +105,22 @@ def parse_asap_xml(path: str | Path, marks: list[Mark] | None = None) -> list[Po
             ring = np.array([[float(c.get("X", "")), float(c.get("Y", ""))] for c in ordered], dtype=np.float64)
         except (TypeError, ValueError):
             raise InputError(path, f"annotation {name!r}: coordinate without numeric X/Y/Order") from None
-        polygons.append(_checked(path, ring, [], ann.get("PartOfGroup", ""), name))
+        polygon = _checked(path, ring, [], ann.get("PartOfGroup", ""), name)
+        polygon.parents = _ancestors(path, polygon.group, parent_of)
+        polygons.append(polygon)
     return polygons
+
+
+def _ancestors(path: str | Path, group: str, parent_of: dict[str, str]) -> tuple[str, ...]:
+    """ASAP's ``Group`` chain above ``group`` ("None" or an undeclared group ends it); a cycle is an error."""
+    chain: list[str] = []
+    current = group
+    while (parent := parent_of.get(current, "None")) not in ("None", ""):
+        if parent == group or parent in chain:
+            raise InputError(path, f"annotation groups form a cycle: {' → '.join([group, *chain, parent])}")
+        chain.append(parent)
+        current = parent
+    return tuple(chain)
 
 
 def parse_geojson(path: str | Path, marks: list[Mark] | None = None) -> list[Polygon]:
@@ -110,6 +135,8 @@ def parse_geojson(path: str | Path, marks: list[Mark] | None = None) -> list[Pol
     for feature in _features(path, doc):
         group, name = _feature_class(feature.get("properties") or {})
         _collect_geometry(path, feature.get("geometry"), group, name, polygons, marks)
+    for polygon in polygons:
+        polygon.parents = derived_class_parents(polygon.group)
     return polygons
 
 
@@ -131,12 +158,20 @@ def _features(path: Path, doc: Any) -> list[dict]:
 
 
 def _feature_class(props: dict) -> tuple[str, str]:
-    """QuPath puts the class in ``classification.name``; other tools use ``classification``/``label``."""
+    """QuPath puts the class in ``classification.name`` (derived classes: ``names``, or "A: B" in the
+    name); other tools use ``classification``/``label``."""
     cls = props.get("classification")
     if isinstance(cls, dict):
-        cls = cls.get("name")
+        names = cls.get("names")
+        cls = cls.get("name") or (": ".join(map(str, names)) if isinstance(names, list) else None)
     group = cls or props.get("label") or props.get("class") or props.get("name") or ""
     return str(group), str(props.get("name") or "")
+
+
+def derived_class_parents(group: str) -> tuple[str, ...]:
+    """QuPath derived classes: "Tumor: Positive" has the parent "Tumor" (nearest first)."""
+    parts = group.split(": ")
+    return tuple(": ".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
 
 
 def _collect_geometry(

@@ -13,10 +13,12 @@ Skip-if-up-to-date, ``--force``, ``on_error`` and atomic outputs: `medflow.extra
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openslide
 
 from ...core import config as config_mod
@@ -24,11 +26,11 @@ from ...core.errors import InputError
 from ...core.manifest import ImageEntry
 from ...core.manifest import entry as manifest_entry
 from ...core.records import JobRecord
-from ...core.shards import ShardWriter
+from ...core.shards import ShardWriter, open_shard
 from .. import job as job_mod
-from . import tissue
+from . import classes, qc, tissue
 from .reading import BackgroundWriter, PatchSource, read_into
-from .sampling import Candidates, coverage, label_map, sample, slide_annotations, slide_rng
+from .sampling import Candidates, SlideAnnotations, coverage, label_map, sample, slide_annotations, slide_rng
 from .slide import ReadPlan, choose_level, level0_mpp, open_slide
 
 
@@ -53,12 +55,13 @@ def extract_slide(
     benchmarks. ``force`` ignores an up-to-date shard. With ``wsi.on_error: skip`` a bad input
     gives a ``failed`` record and no shard; with ``fail`` the InputError propagates and nothing is written.
     """
+    classes.check_quota(cfg["wsi"]["sampling"], classes.class_map(cfg["wsi"]["labels"]).classes)
     target = job_mod.Target("wsi", cohort, entry, Path(out), Path(record_path))
 
     def extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict) -> None:
         _extract(target, cfg, rec, inputs, cache_bytes)
 
-    return job_mod.run(
+    record = job_mod.run(
         target,
         cfg,
         lambda: input_files(entry),
@@ -67,6 +70,9 @@ def extract_slide(
         force=force,
         verbose=verbose,
     )
+    if record["status"] != "ok":  # on_error: skip removed the stale shard; its QC image goes with it
+        qc.qc_path(target.shard).unlink(missing_ok=True)
+    return record
 
 
 def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> tissue.TissueMask:
@@ -90,7 +96,8 @@ def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> t
 
 def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, cache_bytes: int | None) -> None:
     entry, wsi_cfg = target.entry, cfg["wsi"]
-    n_classes = len(wsi_cfg["labels"]["classes"])
+    cmap = classes.class_map(wsi_cfg["labels"])
+    n_classes = len(cmap.classes)
     with rec.timed("open"):
         slide = open_slide(entry.image)
         if cache_bytes is not None:
@@ -102,21 +109,32 @@ def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, ca
     dims: tuple[int, int] = slide.dimensions
     with rec.timed("mask"):
         tm = _tissue_mask(slide, entry, mpp0, wsi_cfg)
+    thumb = None
+    if wsi_cfg["qc"]["max_px"]:
+        with rec.timed("qc"):  # read before anything is written: a decode error leaves no output
+            try:
+                thumb = qc.read_thumbnail(slide, wsi_cfg["qc"]["max_px"])
+            except openslide.OpenSlideError as exc:
+                raise InputError(entry.image, f"decode error while reading the QC thumbnail ({exc})") from None
     with rec.timed("annotations"):
-        ann = slide_annotations(entry, dims, wsi_cfg["labels"])
+        ann = slide_annotations(entry, dims, cmap)
         try:
-            cov = coverage(dims, plan, tm, ann, wsi_cfg["labels"]["tumour_on_tissue"])
+            cov = coverage(dims, plan, tm, ann, wsi_cfg["labels"]["tumour_on_tissue"], cmap.annotated)
         except InputError as exc:
             raise InputError(entry.image, exc.problem) from None
     with rec.timed("sampling"):
-        labels = label_map(cov, wsi_cfg["labels"])
+        labels = label_map(cov, wsi_cfg["labels"], cmap.background)
         cand = sample(labels, cov, dims, plan, wsi_cfg, slide_rng(cfg, entry.image_id), n_classes)
     if cand.total == 0:
         raise InputError(entry.image, "no patch meets the tissue/label thresholds (wsi.labels, wsi.tissue)")
     attrs = {**job_mod.base_attrs(target, cfg, inputs, rec["config_hash"]), **_geometry_attrs(plan, mpp_source, tm)}
-    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes)
+    rejected: list[np.ndarray] = []
+    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes, rejected)
     slide.close()
     rec["wsi"] = {**_wsi_summary(plan, mpp_source, tm, cand), "unsampled_groups": ann.other_groups}
+    if thumb is not None:
+        with rec.timed("qc"):
+            rec["qc"] = _write_qc(target, thumb, tm, ann, list(cmap.classes), rejected, plan.footprint, rec)
     print(
         f"extract-wsi {entry.image_id}: {plan.mpp:.3f} µm/px (level {plan.level}"
         f"{', resampled' if plan.resample else ''})"
@@ -147,12 +165,17 @@ def _read_and_write(
     attrs: dict,
     rec: JobRecord,
     cache_bytes: int | None,
+    rejected: list[np.ndarray] | None = None,
 ) -> None:
-    """Read the candidates into the shard (atomically), recording read/write timings and rejects."""
+    """Read the candidates into the shard (atomically), recording read/write timings and rejects.
+
+    Stages do not overlap: ``read`` runs to the end of the read loop (the writer thread appends
+    meanwhile; its busy time is ``concurrent_s.write_thread``), ``write`` from there to the renamed shard.
+    """
+    t0 = time.perf_counter()
     # The pool is forked before the writer thread and the HDF5 file exist.
     source = PatchSource(target.entry.image, slide, plan, cfg["wsi"]["workers"], cache_bytes)
     try:
-        t0 = time.perf_counter()
         with ShardWriter(
             target.shard,
             (plan.patch_size, plan.patch_size, 3),
@@ -163,25 +186,52 @@ def _read_and_write(
         ) as writer:
             sink = BackgroundWriter(writer)
             try:
-                kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink)
+                kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink, rejected)
             finally:
-                t_read = time.perf_counter() - t0
+                t_read = time.perf_counter()
                 sink.close()
             if writer.n == 0:
                 raise InputError(
                     target.entry.image, "every candidate patch was rejected as white/black/blurred (wsi.quality)"
                 )
-            writer.attrs["timings_s"] = {**rec["timings_s"], "read": t_read}
-            t_close = time.perf_counter()
-        close_s = time.perf_counter() - t_close
+            writer.attrs["timings_s"] = {**rec["timings_s"], "read": t_read - t0}
     finally:
         source.close()
-    rec["timings_s"]["read"] = t_read
-    # write = time the writer thread spent appending (overlapped with reading) + flush/fsync/rename.
-    rec["timings_s"]["write"] = sink.seconds + close_s
-    rec["timings_s"]["extract"] = time.perf_counter() - t0
+    rec["timings_s"]["read"] = t_read - t0
+    rec["timings_s"]["write"] = time.perf_counter() - t_read
+    rec["concurrent_s"] = {"write_thread": sink.seconds}
     rec["patches_read"] = n_read
     rec["quality_rejected"] = n_read - sum(kept.values())
+
+
+def _write_qc(
+    target: job_mod.Target,
+    thumb: qc.Thumb,
+    tm: tissue.TissueMask,
+    ann: SlideAnnotations,
+    class_names: list[str],
+    rejected: list[np.ndarray],
+    footprint: float,
+    rec: JobRecord,
+) -> dict[str, Any]:
+    """Draw what the shard holds (its coords and labels) on the thumbnail; the record's ``qc`` entry."""
+    with open_shard(target.shard) as h5:
+        coords, labels = h5["coords"][:], h5["labels"][:]
+    rejects = np.concatenate(rejected) if rejected else np.zeros((0, 2), dtype=np.int64)
+    n_read = int(rec["patches_read"])
+    title = (
+        f"{target.entry.image_id}: tissue {100 * tm.fraction:.1f} % of the slide, {len(labels)} patches kept "
+        f"of {n_read} read ({100 * len(rejects) / max(n_read, 1):.0f} % rejected)"
+    )
+    image = qc.draw(thumb, tm, ann, class_names, coords, labels, rejects, footprint, title)
+    path = qc.qc_path(target.shard)
+    qc.write(path, image)
+    return {
+        "png": os.path.relpath(path.resolve(), target.record.resolve().parent),
+        "size": list(image.size),
+        "level0_px_per_px": round(thumb.scale_x, 4),
+        "rejected_fraction": len(rejects) / n_read if n_read else None,
+    }
 
 
 def _wsi_summary(plan: ReadPlan, mpp_source: str, tm: tissue.TissueMask, cand: Candidates) -> dict[str, Any]:
@@ -195,6 +245,7 @@ def _wsi_summary(plan: ReadPlan, mpp_source: str, tm: tissue.TissueMask, cand: C
         "mpp_source": mpp_source,
         "resampled": plan.resample,
         "tissue_fraction": tm.fraction,
+        "tissue_mm2": float(tm.mask.sum()) * (tm.cell * plan.level0_mpp) ** 2 / 1e6,
         "tissue_threshold": tm.threshold,
         "candidates": cand.total,
     }
@@ -212,6 +263,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
+    classes.check_quota(
+        cfg["wsi"]["sampling"], classes.class_map(cfg["wsi"]["labels"], args.config).classes, args.config
+    )
     entry = manifest_entry(cfg, args.cohort, args.image_id)
     extract_slide(entry, cfg, args.cohort, args.out, args.record, force=args.force)
     return 0

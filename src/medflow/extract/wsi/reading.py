@@ -137,10 +137,15 @@ class BackgroundWriter:
 
 
 def read_into(
-    source: PatchSource, cand: Candidates, quality_cfg: dict, sink: BackgroundWriter
+    source: PatchSource,
+    cand: Candidates,
+    quality_cfg: dict,
+    sink: BackgroundWriter,
+    rejected: list[np.ndarray] | None = None,
 ) -> tuple[dict[int, int], int]:
     """Fill each class's quota from its candidates, in rounds: read the next ones in slide order,
-    drop quality rejects, replace them from the spares. Returns (accepted per class, patches read)."""
+    drop quality rejects, replace them from the spares. Returns (accepted per class, patches read);
+    the coordinates of rejected patches are appended to ``rejected`` when given (QC image)."""
     taken = {c: 0 for c in cand.coords}  # candidates consumed per class
     kept = {c: 0 for c in cand.coords}
     while True:
@@ -160,6 +165,8 @@ def read_into(
             offset += len(chunk)
             ok = quality_ok(patches, quality_cfg)
             if not ok.all():
+                if rejected is not None:
+                    rejected.append(chunk[~ok])
                 patches, chunk, lab = patches[ok], chunk[ok], lab[ok]
             for c, n in zip(*np.unique(lab, return_counts=True)):
                 kept[int(c)] += int(n)
