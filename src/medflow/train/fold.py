@@ -37,6 +37,7 @@ from .inputs import FoldJob, load_fold_job, record_sections
 from .loader import EpochLoader, make_loader
 from .optim import make_optimizer, scaled_lr
 from .patchset import PatchSet
+from .stain_setup import TrainingStain, for_training
 from .trainer import Trainer, recalibrate_batchnorm
 
 
@@ -65,8 +66,11 @@ def clear_final_outputs(out_dir: Path) -> None:
 
 
 # ---- the job -----------------------------------------------------------------------------------------
-def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
+def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: TrainingStain | None = None) -> JobRecord:
     tc = job.train_cfg
+    stain = stain or TrainingStain(None, None, None)
+    if stain.record is not None or stain.jitter is not None:
+        record["stain"] = {**(stain.record or {}), "hed_jitter": stain.jitter}
     with record.timed("prepare_train"):
         train_set = PatchSet(job.index, job.patients["train"], tc["max_patches"], job.derive("train-set"))
         per_rank = -(-len(train_set) // d.size)
@@ -82,6 +86,8 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             sampling=tc["sampling"],
             drop_last=per_rank >= tc["batch_size"],
             workers=tc["workers"],
+            stain=stain.normaliser,
+            jitter=stain.jitter,
         )
         torch.manual_seed(job.derive("init"))
         in_channels, patch_size = train_set.patch_shape[-1], train_set.patch_shape[0]
@@ -104,6 +110,8 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
         scaler = torch.amp.GradScaler("cuda") if on_cuda and tc["amp"] else None
         progress, best_state = Progress(), None
         identity = checkpoint_identity(job)
+        if stain.identity is not None:  # a checkpoint of another stain reference is not resumed
+            identity["stain"] = stain.identity
         ckpt = load_checkpoint(job.out_dir / "checkpoint.pt", identity)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
@@ -139,7 +147,9 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             d.sync_buffers(model)  # batch counters and any other buffer: rank 0's everywhere
             val_loss = val_acc = None
             if val_set is not None:
-                y_true, y_prob, load_s = predict_set(model, val_set, d, eval_batch, amp=trainer.amp)
+                y_true, y_prob, load_s = predict_set(
+                    model, val_set, d, eval_batch, amp=trainer.amp, transform=stain.transform
+                )
                 val_loss, val_acc, val_load_s = nll(y_true, y_prob), accuracy(y_true, y_prob), val_load_s + load_s
             # Every rank holds the same gathered val loss; rank 0's decision is broadcast anyway.
             is_best = progress.observe(epoch, val_loss, int(tc["early_stopping"]))
@@ -177,7 +187,7 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
     record["replicas"] = {"state_sha256": digests, "identical": len(set(digests)) == 1}
     if val_set is not None:
         with record.timed("predict"):
-            y_true, y_prob, _ = predict_set(model, val_set, d, eval_batch, amp=trainer.amp)
+            y_true, y_prob, _ = predict_set(model, val_set, d, eval_batch, amp=trainer.amp, transform=stain.transform)
     load_ms = _load_ms_per_patch(d, loader)
     if d.is_root:
         fill_record(
@@ -186,7 +196,10 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
         # Also here: a job resumed from a checkpoint that covers every epoch runs no epoch (and Snakemake
         # deleted the declared outputs before the rerun).
         fsio.write_text(job.out_dir / "curves.csv", curves_csv(progress.curves))
-        models.save_model(job.out_dir / "model.pt", model, model_meta(job, train_set, progress))
+        meta = model_meta(job, train_set, progress)
+        if stain.record is not None:  # prediction applies the same normaliser (medflow.train.stain_setup)
+            meta["stain"] = stain.record
+        models.save_model(job.out_dir / "model.pt", model, meta)
     return record
 
 
@@ -249,6 +262,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="inner fold; omit to train on the whole outer training set (no validation)",
     )
     p.add_argument("--out-dir", required=True)
+    p.add_argument(
+        "--stain", default=None, help="the cohort's stain reference (medflow fit-stain) when wsi.stain is on"
+    )
 
 
 @contextlib.contextmanager
@@ -263,6 +279,7 @@ def _dist_context(backend: str, threads: int) -> Iterator[dist_mod.Dist]:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     job = load_fold_job(args.config, args.study, args.index, args.folds, args.outer, args.inner, args.out_dir)
+    stain = for_training(job, args.stain)
     launch = job.cfg["launch"]
     with _dist_context(launch["backend"], launch["threads_per_rank"]) as d:
         if d.is_root:
@@ -284,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         record["launch"] = provenance.launch_info(d.backend, d.size, devices)
         record["launch"]["backend_requested"] = launch["backend"]
         record["timings_s"]["load_args"] = time.perf_counter() - t0
-        train_fold(job, d, record)
+        train_fold(job, d, record, stain)
         if d.is_root:
             record.finish("ok").save(job.out_dir / "record.json")
             print(

@@ -30,6 +30,7 @@ from . import models
 from .evaluate import predict_set
 from .patchset import PatchSet
 from .splits import check_index, fold_patients, load_plan
+from .stain_setup import check_model_shards, for_shard_patches
 
 
 def read_candidates(inner_dirs: list[str], study: str, outer: int, metric: str) -> list[dict[str, Any]]:
@@ -105,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
             Path(best["dir"]) / "model.pt",
             f"classes {meta.get('class_names')} differ from the index's {index['class_names']}",
         )
+    if index["kind"] == "wsi":  # test patches prepared as the model's training patches were
+        check_model_shards(meta, [s["path"] for s in index["shards"]])
+    normaliser = for_shard_patches(meta, Path(best["dir"]) / "model.pt")
     out_dir = Path(args.out_dir)
     record = JobRecord(
         "select",
@@ -133,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         )
     with record.timed("predict"):
         batch = max(2 * int(study_cfg["train"]["batch_size"]), 64)
-        y_true, y_prob, load_s = predict_set(model, test_set, d, batch, gather=False)
+        y_true, y_prob, load_s = predict_set(
+            model, test_set, d, batch, gather=False, transform=normaliser.apply if normaliser is not None else None
+        )
     n = len(test_set)
     record["throughput"]["load_ms_per_patch"] = 1000.0 * load_s / n if n else None
     record["throughput"]["predict_img_per_s"] = n / record["timings_s"]["predict"] if n else None
