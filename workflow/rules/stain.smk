@@ -38,8 +38,8 @@ def stain_shell(stage: str) -> str:
 
 def stain_fit_inputs(wc) -> list[str]:
     """What a reference is fitted on: the region's slide, or every slide (and mask) of the cohort."""
-    if _STAIN["reference"]["source"] == "region":
-        return [_STAIN["reference"]["region"]["slide"]]
+    if _STAIN["reference"]["source"] == "region":  # not set: fit-stain names the missing key
+        return [path for path in [_STAIN["reference"]["region"]["slide"]] if path]
     return [path for entry in cohort_entries(wc.cohort) for path in (entry.image, entry.mask) if path]
 
 

@@ -21,6 +21,7 @@ from medflow.extract.wsi import job as wsi_job
 from medflow.extract.wsi import stain, stain_reference
 from medflow.extract.wsi.pyramid import write_pyramid_tiff
 from medflow.extract.wsi.quality import quality_ok
+from medflow.train.stain_setup import check_shards, shard_stain
 
 CMU = "cmu1_small_region/CMU-1-Small-Region.svs"
 TCGA = "tcga_cr7395_svs/tcga-cr-7395-01a-01-ts1.svs"
@@ -245,13 +246,17 @@ def test_extraction_stores_normalised_patches_and_depends_on_the_reference_diges
     np.testing.assert_array_equal(coords, raw_coords)  # the same patches: quality is judged on raw pixels
     np.testing.assert_array_equal(normed, norm.apply(raw))
     assert "stain" not in raw_attrs and attrs["config_hash"] == raw_attrs["config_hash"]  # not in the hash
-    recorded = json.loads(attrs["stain"])
+    recorded = shard_stain(attrs)
     assert (
         recorded["digest"] == norm.digest and recorded["method"] == "reinhard" and recorded["applied"] == "extraction"
     )
     assert attrs["inputs"]["params"]["stain"] == norm.digest
     record = json.loads((tmp_path / "norm.record.json").read_text())
     assert record["stain"]["digest"] == norm.digest and record["timings_s"]["stain"] > 0
+    # Training refuses shards prepared otherwise than its config says (raw for load-time normalisation).
+    check_shards([str(tmp_path / "norm.h5")], norm.digest)
+    with pytest.raises(InputError, match=f"norm.h5: patches are normalised with stain reference {norm.digest}"):
+        check_shards([str(tmp_path / "norm.h5")], None)
     # A refit giving the same reference (a new file, same digest) keeps the shard ...
     capsys.readouterr()
     assert _fit(config, ref) == 0 and _extract(config, tmp_path, "norm", ref) == 0
@@ -269,7 +274,7 @@ def test_extraction_stores_normalised_patches_and_depends_on_the_reference_diges
     assert _fit(other, ref) == 0 and _extract(other, tmp_path, "norm", ref) == 0
     assert "is up to date" not in capsys.readouterr().out
     again, _, attrs2 = _shard(tmp_path / "norm.h5")
-    assert json.loads(attrs2["stain"])["digest"] != norm.digest and not np.array_equal(again, normed)
+    assert shard_stain(attrs2)["digest"] != norm.digest and not np.array_equal(again, normed)
 
 
 def test_extraction_refuses_a_stale_reference(shared_data, default_cfg, tmp_path, capsys) -> None:

@@ -107,15 +107,13 @@ def _order_statistics(values: np.ndarray, ranks: list[int]) -> dict[int, float]:
     sub = np.sort(values[:: max(1, n // 2048)])
     low = [r for r in ranks if r < n // 2]
     high = [r for r in ranks if r >= n // 2]
-    if low:
+    if low:  # the smallest values: all of them below a bound, so their ranks are unchanged
         bound = sub[min(len(sub) - 1, int((max(low) / n + 0.03) * len(sub)))]
         cut = values[values <= bound]
         if len(cut) > max(low):
             part = np.partition(cut, low)
             out.update({r: float(part[r]) for r in low})
-        else:
-            high = ranks
-    if high and len(out) < len(ranks):
+    if high:  # the largest values: ranks shift by the number of values left out below the bound
         bound = sub[max(0, int((min(high) / n - 0.03) * len(sub)))]
         cut = values[values >= bound]
         skipped = n - len(cut)

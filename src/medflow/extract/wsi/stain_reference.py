@@ -54,7 +54,8 @@ def stain_config(cfg: dict) -> dict:
 
 
 def enabled(cfg: dict) -> bool:
-    return stain_config(cfg)["method"] != "none"
+    """Whether ``wsi.stain`` normalises (a config without the section, not validated, does not)."""
+    return cfg["wsi"].get("stain", {}).get("method", "none") != "none"
 
 
 def configured_params(cfg: dict) -> dict[str, float]:
@@ -87,7 +88,17 @@ def _region_pixels(cfg: dict, config_path: str | Path) -> tuple[np.ndarray, dict
         raise InputError(config_path, f"{KEY}.region width and height must be > 0 (got {width}×{height})")
     path = region["slide"]
     slide = open_slide(path)
-    mpp0 = slide_mpp(slide) or float(region["mpp"] or 0)
+    try:
+        return _read_region(slide, path, (x, y, width, height), float(region["mpp"] or 0), wsi_cfg)
+    finally:
+        slide.close()
+
+
+def _read_region(
+    slide: Any, path: str, box: tuple[int, int, int, int], manual_mpp: float, wsi_cfg: dict
+) -> tuple[np.ndarray, dict[str, Any], dict[str, str]]:
+    x, y, width, height = box
+    mpp0 = slide_mpp(slide) or manual_mpp
     if not mpp0:
         raise InputError(path, f"no mpp metadata; set {KEY}.region.mpp")
     plan = choose_level(
@@ -119,7 +130,6 @@ def _region_pixels(cfg: dict, config_path: str | Path) -> tuple[np.ndarray, dict
         )
         img = img.resize(size, Image.Resampling.LANCZOS)
     rgba = np.asarray(img)
-    slide.close()
     opaque = rgba[..., 3] == 255
     info = {
         "source": "region",
