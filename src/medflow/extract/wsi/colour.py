@@ -72,14 +72,17 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """Planar sRGB — uint8, or float in [0, 1] — → planar float32 CIE L*a*b*."""
+    """Planar sRGB — uint8, or float in [0, 1] — → planar float32 CIE L*a*b*.
+
+    Few, reused temporaries: fresh multi-MB arrays cost page faults as much as the arithmetic."""
     lin = _LINEAR_OF_UINT8[rgb] if rgb.dtype == np.uint8 else _srgb_to_linear(rgb.astype(np.float32))
     # Dividing by the white point is folded into the matrix rows.
     xyz = mix(XYZ_FROM_RGB / D65_WHITE[:, None], lin)
-    f = np.where(xyz > _F32(_EPSILON), np.cbrt(xyz), xyz * _F32(_KAPPA_116) + _F32(16 / 116)).astype(
-        np.float32, copy=False
-    )
-    lab = np.empty_like(f)
+    f = np.cbrt(xyz)
+    dark = xyz <= _F32(_EPSILON)  # the linear part of f (L* < 8): rare in stained tissue
+    if dark.any():
+        f[dark] = xyz[dark] * _F32(_KAPPA_116) + _F32(16 / 116)
+    lab = xyz  # reused for the result
     np.multiply(f[1], _F32(116), out=lab[0])
     lab[0] -= _F32(16)
     np.subtract(f[0], f[1], out=lab[1])
@@ -95,15 +98,24 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     f = np.empty_like(lab)
     np.add(lab[0], _F32(16), out=f[1])
     f[1] /= _F32(116)
-    np.add(f[1], lab[1] / _F32(500), out=f[0])
-    np.subtract(f[1], lab[2] / _F32(200), out=f[2])
-    t = np.where(f > _F32(_F_EPSILON), f * f * f, (f - _F32(16 / 116)) / _F32(_KAPPA_116))
-    lin = mix(RGB_FROM_XYZ * D65_WHITE[None, :], t)  # × white, then XYZ → linear sRGB
-    out = np.where(
-        lin > _F32(0.0031308),
-        _F32(1.055) * np.power(np.maximum(lin, _F32(0.0031308)), _F32(1 / 2.4)) - _F32(0.055),
-        lin * _F32(12.92),
-    ).astype(np.float32, copy=False)
+    np.divide(lab[1], _F32(500), out=f[0])
+    f[0] += f[1]
+    np.divide(lab[2], _F32(-200), out=f[2])
+    f[2] += f[1]
+    t = f * f
+    t *= f
+    dark = f <= _F32(_F_EPSILON)  # the linear part of the inverse: rare in stained tissue
+    if dark.any():
+        t[dark] = (f[dark] - _F32(16 / 116)) / _F32(_KAPPA_116)
+    out = mix(RGB_FROM_XYZ * D65_WHITE[None, :], t)  # × white, then XYZ → linear sRGB
+    dark = out <= _F32(0.0031308)  # the linear part of the sRGB curve
+    low = out[dark] * _F32(12.92) if dark.any() else None
+    np.maximum(out, _F32(0.0031308), out=out)
+    np.power(out, _F32(1 / 2.4), out=out)
+    out *= _F32(1.055)
+    out -= _F32(0.055)
+    if low is not None:
+        out[dark] = low
     return np.clip(out, 0, 1, out=out)
 
 
@@ -115,7 +127,9 @@ def optical_density(rgb: np.ndarray, io: float) -> np.ndarray:
 
 def od_to_rgb(od: np.ndarray, io: float) -> np.ndarray:
     """Inverse of `optical_density` as uint8: Io·exp(-OD) - 1, clipped to 0..255 and rounded. Any layout."""
-    out = np.exp(-od.astype(np.float32, copy=False)) * _F32(io)
+    out = np.negative(od, dtype=np.float32)
+    np.exp(out, out=out)
+    out *= _F32(io)
     out -= _F32(1)
     np.clip(out, 0, 255, out=out)
     np.rint(out, out=out)

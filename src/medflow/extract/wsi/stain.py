@@ -141,12 +141,16 @@ def _stain_vectors(od: np.ndarray, valid: np.ndarray, alpha: float) -> np.ndarra
     """Macenko stain vectors (n, 3, 2) float64 [haematoxylin, eosin] of planar OD (3, n, P) over ``valid`` (n, P)."""
     w = valid.astype(np.float32)
     counts = w.sum(axis=1).astype(np.float64)
-    mean = (od * w).sum(axis=2).astype(np.float64) / np.maximum(counts, 1.0)  # (3, n)
-    centred = (od - mean[:, :, None].astype(np.float32)) * w
-    per_patch = centred.transpose(1, 0, 2)  # (n, 3, P) view
-    cov = (
-        np.matmul(per_patch, per_patch.transpose(0, 2, 1)).astype(np.float64) / np.maximum(counts - 1, 1)[:, None, None]
-    )
+    sums = np.matmul(od.transpose(1, 0, 2), w[:, :, None])[:, :, 0].T  # (3, n), one product per patch
+    mean = sums.astype(np.float64) / np.maximum(counts, 1.0)
+    centred = od - mean[:, :, None].astype(np.float32)
+    centred *= w
+    # The 6 distinct products per patch as row dot products: 3× faster than a BLAS product of a 3×P matrix.
+    cov = np.empty((od.shape[1], 3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            cov[:, i, j] = cov[:, j, i] = np.einsum("np,np->n", centred[i], centred[j])
+    cov /= np.maximum(counts - 1, 1)[:, None, None]
     _, vecs = np.linalg.eigh(cov)
     plane = vecs[:, :, 1:3].copy()  # (mid, largest) eigenvectors, as torchstain / Macenko's code
     # Orient the largest one along the (positive) mean OD so the angles stay inside (0, π), never wrapping.
