@@ -136,12 +136,16 @@ def od_to_rgb(od: np.ndarray, io: float) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+_HED_OD_OF_UINT8 = (np.log(np.maximum(np.arange(256) / 255, 1e-6)) / HED_LOG_ADJUST).astype(np.float32)
+
+
 def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
     """Planar uint8 RGB → planar H, E, DAB stain amounts (scikit-image ``rgb2hed``, not clipped), float32."""
-    table = (np.log(np.maximum(np.arange(256) / 255, 1e-6)) / HED_LOG_ADJUST).astype(np.float32)
-    return mix(HED_FROM_RGB.T, table[rgb])
+    return mix(HED_FROM_RGB.T, _HED_OD_OF_UINT8[rgb])
 
 
 def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
     """Planar H, E, DAB amounts → planar sRGB float32 in [0, 1] (scikit-image ``hed2rgb``)."""
-    return np.clip(np.exp(mix(RGB_FROM_HED.T * HED_LOG_ADJUST, hed)), 0, 1)
+    out = mix(RGB_FROM_HED.T * HED_LOG_ADJUST, hed)
+    np.exp(out, out=out)
+    return np.clip(out, 0, 1, out=out)
