@@ -23,6 +23,7 @@ os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/stain.smk"
 include: "workflow/rules/extract_wsi.smk"
 include: "workflow/rules/extract_hsi.smk"
 include: "workflow/rules/index.smk"

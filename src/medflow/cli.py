@@ -19,6 +19,7 @@ from .core.errors import InputError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("medflow.demo.cohort", "write the synthetic demo cohort (WSI pyramids + ASAP XML, HSI mosaics)"),
+    "fit-stain": ("medflow.extract.wsi.stain_reference", "fit a WSI cohort's stain normalisation reference"),
     "extract-wsi": ("medflow.extract.wsi.job", "extract labelled patches of one slide into an HDF5 shard"),
     "extract-hsi": ("medflow.extract.hsi.job", "calibrate/demosaic/correct/normalise one HSI image, extract patches"),
     "index": ("medflow.extract.index", "build the cohort index from extraction records"),

@@ -76,8 +76,10 @@ def release_results_lock() -> None:
 
 
 def extraction_hash(kind: str, cohort: str) -> str:
-    """Hash of the config sections that shape a shard (medflow.extract.job.config_sections)."""
-    return section_hash(*medflow.extract.job.config_sections(kind, cohort))
+    """Hash of the config sections that shape a shard (medflow.extract.job.config_sections, hashed_config)."""
+    return medflow.core.config.section_hash(
+        medflow.extract.job.hashed_config(config), *medflow.extract.job.config_sections(kind, cohort)
+    )
 
 
 def section_hash(*sections: str) -> str:

@@ -7,7 +7,7 @@ if _WSI_COHORTS:
 
     rule extract_wsi:
         input:
-            lambda wc: cohort_entry(wc.cohort, wc.image_id).files(),
+            lambda wc: cohort_entry(wc.cohort, wc.image_id).files() + stain_reference_files(wc.cohort, "extraction"),
         output:
             record=update(f"{RES}/shards/{{cohort}}/{{image_id}}.record.json"),
         wildcard_constraints:
@@ -15,6 +15,7 @@ if _WSI_COHORTS:
         params:
             shard=lambda wc: f"{RES}/shards/{wc.cohort}/{wc.image_id}.h5",
             config_hash=lambda wc: extraction_hash("wsi", wc.cohort),
+            **stain_params("extraction", lambda wc: wc.cohort),
         log:
             f"{RES}/logs/extract_wsi/{{cohort}}/{{image_id}}.log",
         container: CONTAINER
@@ -25,4 +26,4 @@ if _WSI_COHORTS:
             runtime=120,
         shell:
             "medflow extract-wsi --config {CONFIG_FILE} --cohort {wildcards.cohort} --image-id {wildcards.image_id}"
-            " --out {params.shard} --record {output.record} > {log} 2>&1"
+            " --out {params.shard} --record {output.record}" + stain_shell("extraction") + " > {log} 2>&1"

@@ -8,6 +8,7 @@ if config["select"]["refit"]:
             index=study_index,
             folds=f"{RES}/folds/{{study}}.json",
             selection=f"{RES}/runs/{{study}}/outer{{outer}}/record.json",
+            stain=lambda wc: stain_reference_files(STUDIES[wc.study]["cohort"], "train"),
         output:
             record=update(f"{RES}/runs/{{study}}/outer{{outer}}/refit/record.json"),
             model=update(f"{RES}/runs/{{study}}/outer{{outer}}/refit/model.pt"),
@@ -17,6 +18,7 @@ if config["select"]["refit"]:
         params:
             out_dir=lambda wc: f"{RES}/runs/{wc.study}/outer{wc.outer}/refit",
             config_hash=lambda wc: section_hash(f"studies.{wc.study}", "launch", "folds"),
+            **stain_params("train", lambda wc: STUDIES[wc.study]["cohort"]),
         log:
             f"{RES}/logs/refit/{{study}}/outer{{outer}}.log",
         container: CONTAINER
@@ -32,7 +34,7 @@ if config["select"]["refit"]:
         shell:
             _LAUNCHER + "medflow train --config {CONFIG_FILE} --study {wildcards.study}"
             " --index {input.index} --folds {input.folds} --outer {wildcards.outer} --selection {input.selection}"
-            " --out-dir {params.out_dir} > {log} 2>&1"
+            " --out-dir {params.out_dir}" + stain_shell("train") + " > {log} 2>&1"
 
     rule test_refit:
         input:

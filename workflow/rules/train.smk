@@ -18,6 +18,7 @@ rule train:
     input:
         index=study_index,
         folds=f"{RES}/folds/{{study}}.json",
+        stain=lambda wc: stain_reference_files(STUDIES[wc.study]["cohort"], "train"),
     output:
         record=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/record.json"),
         model=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/model.pt"),
@@ -27,6 +28,7 @@ rule train:
     params:
         out_dir=lambda wc: f"{RES}/runs/{wc.study}/outer{wc.outer}/inner{wc.inner}",
         config_hash=lambda wc: section_hash(f"studies.{wc.study}", "launch", "folds"),
+        **stain_params("train", lambda wc: STUDIES[wc.study]["cohort"]),
     log:
         f"{RES}/logs/train/{{study}}/outer{{outer}}_inner{{inner}}.log",
     container: CONTAINER
@@ -42,4 +44,4 @@ rule train:
     shell:
         _LAUNCHER + "medflow train --config {CONFIG_FILE} --study {wildcards.study}"
         " --index {input.index} --folds {input.folds} --outer {wildcards.outer} --inner {wildcards.inner}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --out-dir {params.out_dir}" + stain_shell("train") + " > {log} 2>&1"

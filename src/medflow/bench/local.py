@@ -35,6 +35,7 @@ def _wsi_inputs(cfg: dict, scratch: Path, quick: bool) -> tuple[ImageEntry, dict
     wcfg["cohorts"] = {"bench": {"kind": "wsi", "manifest": str(scratch / "unused.csv")}}
     wcfg["wsi"]["sampling"] = {**wcfg["wsi"]["sampling"], "mode": "grid", "overlap": 0.5, "max_patches": 0}
     wcfg["wsi"]["on_error"] = "fail"
+    wcfg["wsi"]["stain"] = {**wcfg["wsi"].get("stain", {}), "method": "none"}  # decode throughput, no stain reference
     return entry, wcfg, side
 
 

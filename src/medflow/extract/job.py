@@ -55,8 +55,18 @@ Extract = Callable[[Target, dict, JobRecord, dict], None]
 
 
 def config_sections(kind: str, cohort: str) -> tuple[str, ...]:
-    """Config sections whose change invalidates a shard of ``kind`` in ``cohort``."""
+    """Config sections whose change invalidates a shard of ``kind`` in ``cohort`` (of `hashed_config`)."""
     return (kind, "shards", f"cohorts.{cohort}")
+
+
+def hashed_config(cfg: dict) -> dict:
+    """``cfg`` as the extraction config hash sees it: without ``wsi.stain``. A shard depends on stain
+    normalisation only through the reference's digest (``params.stain`` of its inputs), so a normaliser
+    applied at load time, or a refit giving the same reference, never re-extracts."""
+    wsi = cfg.get("wsi")
+    if not isinstance(wsi, dict) or "stain" not in wsi:
+        return cfg
+    return {**cfg, "wsi": {k: v for k, v in wsi.items() if k != "stain"}}
 
 
 def fingerprint(files: dict[str, str], params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -130,7 +140,7 @@ def run(
     names = config_mod.class_names(cfg, target.kind)
     record = JobRecord(
         target.job,
-        cfg,
+        hashed_config(cfg),
         config_sections(target.kind, target.cohort),
         image_id=target.entry.image_id,
         patient_id=target.entry.patient_id,

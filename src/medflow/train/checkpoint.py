@@ -99,6 +99,7 @@ _IDENTITY_WORDS = {
     "epochs": "epoch count",
     "patients": "patients of the fold",
     "data": "shard contents (data)",
+    "stain": "stain reference",
 }
 
 

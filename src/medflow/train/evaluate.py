@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,17 +22,26 @@ def rank_slice(n: int, rank: int, size: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict_set(
-    model: nn.Module, pset: PatchSet, d: Dist, batch_size: int, amp: bool = False, gather: bool = True
+    model: nn.Module,
+    pset: PatchSet,
+    d: Dist,
+    batch_size: int,
+    amp: bool = False,
+    gather: bool = True,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(y_true, y_prob, load_s) of the whole set in set order: each rank predicts its slice and the
     slices are gathered to every rank. ``model`` is the unwrapped network (DDP's forward would wait
-    for the other ranks, whose slices may have a different number of batches)."""
+    for the other ranks, whose slices may have a different number of batches). ``transform``: applied
+    to every batch of patches first (a load-time stain normaliser)."""
     net = models.unwrap(model).eval()
     idx = rank_slice(len(pset), d.rank, d.size) if gather else np.arange(len(pset))
     probs = np.zeros((0, len(pset.class_names)), dtype=np.float32)
     parts, load_s = [], 0.0
     t0 = time.perf_counter()
     for _, x in pset.iter_batches(batch_size, idx):
+        if transform is not None:
+            x = transform(x)
         load_s += time.perf_counter() - t0
         xt = torch.from_numpy(np.ascontiguousarray(x)).to(d.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext():

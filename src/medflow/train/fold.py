@@ -37,6 +37,7 @@ from .inputs import FoldJob, load_fold_job, record_sections
 from .loader import EpochLoader, make_loader
 from .optim import make_optimizer, scaled_lr
 from .patchset import PatchSet
+from .stain_setup import TrainingStain, for_training
 from .trainer import Trainer, recalibrate_batchnorm
 
 
@@ -59,8 +60,11 @@ def model_meta(job: FoldJob, pset_train: PatchSet, progress: Progress) -> dict[s
 
 
 # ---- the job -----------------------------------------------------------------------------------------
-def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
+def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: TrainingStain | None = None) -> JobRecord:
     tc = job.train_cfg
+    stain = stain or TrainingStain(None, None, None)
+    if stain.record is not None or stain.jitter is not None:
+        record["stain"] = {**(stain.record or {}), "hed_jitter": stain.jitter}
     with record.timed("prepare_train"):
         train_set = PatchSet(job.index, job.patients["train"], tc["max_patches"], job.derive("train-set"))
         per_rank = -(-len(train_set) // d.size)
@@ -76,6 +80,8 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             sampling=tc["sampling"],
             drop_last=per_rank >= tc["batch_size"],
             workers=tc["workers"],
+            stain=stain.normaliser,
+            jitter=stain.jitter,
         )
         torch.manual_seed(job.derive("init"))
         in_channels, patch_size = train_set.patch_shape[-1], train_set.patch_shape[0]
@@ -98,6 +104,8 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
         scaler = torch.amp.GradScaler("cuda") if on_cuda and tc["amp"] else None
         progress, best_state = Progress(), None
         identity = checkpoint_identity(job)
+        if stain.identity is not None:  # a checkpoint of another stain reference is not resumed
+            identity["stain"] = stain.identity
         ckpt, ignored = load_checkpoint(job.out_dir / "checkpoint.pt", identity)
         record["checkpoint"] = {"resumed_from_epoch": None, "ignored": ignored, "data_digest": job.data_digest}
         if ignored and d.is_root:
@@ -139,7 +147,9 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             d.sync_buffers(model)  # batch counters and any other buffer: rank 0's everywhere
             val_loss = val_acc = None
             if val_set is not None:
-                y_true, y_prob, load_s = predict_set(model, val_set, d, eval_batch, amp=trainer.amp)
+                y_true, y_prob, load_s = predict_set(
+                    model, val_set, d, eval_batch, amp=trainer.amp, transform=stain.transform
+                )
                 val_loss, val_acc, val_load_s = nll(y_true, y_prob), accuracy(y_true, y_prob), val_load_s + load_s
             # Every rank holds the same gathered val loss; rank 0's decision is broadcast anyway.
             is_best = progress.observe(epoch, val_loss, int(tc["early_stopping"]))
@@ -177,13 +187,16 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
     record["replicas"] = {"state_sha256": digests, "identical": len(set(digests)) == 1}
     if val_set is not None:
         with record.timed("predict"):
-            y_true, y_prob, _ = predict_set(model, val_set, d, eval_batch, amp=trainer.amp)
+            y_true, y_prob, _ = predict_set(model, val_set, d, eval_batch, amp=trainer.amp, transform=stain.transform)
     load_ms = _load_ms_per_patch(d, loader)
     if d.is_root:
         fill_record(
             record, job, d, train_set, val_set, progress, load_ms, (y_true, y_prob) if val_set is not None else None
         )
-        write_outputs(job, record, model, model_meta(job, train_set, progress), progress)
+        meta = model_meta(job, train_set, progress)
+        if stain.record is not None:  # prediction applies the same normaliser (medflow.train.stain_setup)
+            meta["stain"] = stain.record
+        write_outputs(job, record, model, meta, progress)
     return record
 
 
@@ -262,6 +275,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "configuration on the whole outer training set for the selected model's number of epochs",
     )
     p.add_argument("--out-dir", required=True)
+    p.add_argument(
+        "--stain", default=None, help="the cohort's stain reference (medflow fit-stain) when wsi.stain is on"
+    )
 
 
 @contextlib.contextmanager
@@ -303,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
     if refit is not None:
         # The selected configuration, for as many epochs as produced the selected model; no validation set.
         job.study_cfg = {**job.study_cfg, "train": {**job.train_cfg, "epochs": refit[1], "early_stopping": 0}}
+    stain = for_training(job, args.stain)
     launch = job.cfg["launch"]
     with _dist_context(launch["backend"], launch["threads_per_rank"]) as d:
         if d.is_root:
@@ -330,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
                 "epochs": refit[1],
             }
         record["timings_s"]["load_args"] = time.perf_counter() - t0
-        train_fold(job, d, record)
+        train_fold(job, d, record, stain)
         if d.is_root:
             record.finish("ok").save(job.out_dir / "record.json")
             print(

@@ -6,6 +6,8 @@ that are fully mapped are shuffled globally; larger or compressed sets chunk by 
 shuffled, patches shuffled within a window of 16 chunks). The plan is padded by wrapping and split
 into equal, disjoint, contiguous per-rank parts, so every rank runs the same number of batches
 (allreduce lockstep); each batch is put in storage order. Reading: `medflow.train.patchset`.
+Per batch: read → stain normalisation (load time, optional) → dihedral transform → HED jitter
+(optional; its per-patch draws are part of the epoch plan, from their own seed stream).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.seeds import rng_for
+from ..extract.wsi.stain import StainNormaliser
 from .augment import dihedral_batch
 from .patchset import PatchSet
 from .sampling import chunk_order, epoch_samples, stratified_order
+from .stain_jitter import draw as draw_jitter
+from .stain_jitter import hed_jitter
 
 PRELOAD_AUTO_BYTES = int(os.environ.get("MEDFLOW_PRELOAD_BYTES", 1 << 30))  # per process
 GLOBAL_SHUFFLE_BYTES = 4 << 30  # sets up to this size are shuffled globally, larger ones by chunk windows
@@ -94,6 +99,8 @@ class EpochLoader:
         window_chunks: int | None = None,
         prefetch: int = 0,
         pin_memory: bool = False,
+        stain: StainNormaliser | None = None,
+        jitter: tuple[float, float] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -104,6 +111,12 @@ class EpochLoader:
         self.shuffle, self.seed, self.augment, self.balance = shuffle, int(seed), augment, balance
         self.sampling, self.drop_last, self.workers = sampling, drop_last, int(workers)
         self.prefetch, self.pin_memory = int(prefetch), bool(pin_memory)
+        # Stain normalisation (load time) and HED jitter: uint8 RGB patches only.
+        self.stain, self.jitter = stain, jitter
+        if (stain is not None or jitter is not None) and (pset.dtype != np.uint8 or pset.patch_shape[-1:] != (3,)):
+            raise ValueError(
+                f"stain normalisation / HED jitter need uint8 RGB patches, not {pset.dtype} {pset.patch_shape}"
+            )
         # The shuffle depends on the data only (never on RAM or the preload threshold), so a run
         # is reproducible anywhere: small sets get a global permutation, large ones a chunk-windowed one.
         # Sets read through h5py (compressed) always use chunk windows: a global shuffle would
@@ -116,14 +129,15 @@ class EpochLoader:
         if _want_preload(preload, pset):
             pset.preload()
         self.epoch = 0
-        self.stats: dict[str, float] = {"patches": 0, "load_s": 0.0}
-        self._buffers = BufferPool(pset.patch_shape, pset.dtype)
+        self.stats: dict[str, float] = {"patches": 0, "load_s": 0.0, "stain_s": 0.0}
+        self._buffers = BufferPool(pset.patch_shape, pset.dtype, size=4 + (stain is not None) + (jitter is not None))
         self.set_epoch(0)
 
     # -- plan ------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self._plan = self._make_plan(self.epoch)
+        idx, tf, self._jitter = self._make_plan(self.epoch)
+        self._plan = (idx, tf)
         self._runs = self._batch_runs(self._plan[0])
         self._seg_rows = self.pset.seg_row[self._plan[0]]
 
@@ -141,11 +155,13 @@ class EpochLoader:
             runs.append((segs[s].tolist(), (s[1:] - b * B).tolist()))
         return runs
 
-    def _make_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's (positions, transforms), identical on every rank given (seed, epoch)."""
+    def _make_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """This rank's (positions, transforms, HED jitter draws or None), identical on every rank given (seed, epoch)."""
         rng = rng_for(self.seed, "epoch", epoch)
         labels = self.pset.labels
         idx, tf = epoch_samples(labels, rng, self.augment, self.balance, len(self.pset.class_names))
+        # Its own stream: the plan's draws are the same with and without jitter.
+        jit = draw_jitter(rng_for(self.seed, "epoch", epoch, "hed"), len(idx), *self.jitter) if self.jitter else None
         if self.shuffle and len(idx):
             if self.sampling == "stratified":
                 order = stratified_order(labels[idx], rng)
@@ -154,19 +170,22 @@ class EpochLoader:
             else:
                 order = chunk_order(self.pset.chunk_of[idx], rng, self.window_chunks)
             idx, tf = idx[order], tf[order]
+            jit = jit[order] if jit is not None else None
         per_rank = self._per_rank_len(len(idx))
         total = per_rank * self.world_size
         if total > len(idx) and len(idx):  # pad by wrapping, like DistributedSampler
             reps = -(-total // len(idx))
             idx, tf = np.tile(idx, reps)[:total], np.tile(tf, reps)[:total]
+            jit = np.tile(jit, (reps, 1))[:total] if jit is not None else None
         lo = self.rank * per_rank
         idx, tf = idx[lo : lo + per_rank], tf[lo : lo + per_rank]
+        jit = jit[lo : lo + per_rank] if jit is not None else None
         # Within each batch, storage order: the batch's content is unchanged, and each run of
         # rows from one segment is then copied once, straight into the batch.
         p = self.pset
         batch_no = np.arange(len(idx)) // max(self.batch_size, 1)
         order = np.lexsort((p.row_of[idx], p.shard_of[idx], p.seg_of[idx], batch_no))
-        return idx[order], tf[order]
+        return idx[order], tf[order], (jit[order] if jit is not None else None)
 
     def _per_rank_len(self, n: int) -> int:
         per_rank = -(-n // self.world_size)
@@ -185,7 +204,7 @@ class EpochLoader:
     # -- batches ---------------------------------------------------------------------------------
     def batch(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch ``b`` of this rank's current epoch as NumPy (x NHWC, y)."""
-        idx, tf = self._plan
+        (idx, tf), jit = self._plan, self._jitter
         sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
         part = idx[sl]
         out = self._buffers.get(len(part))
@@ -196,8 +215,16 @@ class EpochLoader:
             self.pset._read_groups(part, heads, cuts, out, rows=self._seg_rows[sl])
             x = out
         n = len(part)
+        if self.stain is not None:
+            t0 = time.perf_counter()
+            x = self.stain.apply(x, out=self._buffers.get(n, exclude=x))
+            self.stats["stain_s"] += time.perf_counter() - t0
         if self.augment == "dihedral" or self.balance == "dihedral":
             x = dihedral_batch(x, tf[sl], out=self._buffers.get(n, exclude=x))
+        if jit is not None:
+            t0 = time.perf_counter()
+            x = hed_jitter(x, jit[sl], out=self._buffers.get(n, exclude=x))
+            self.stats["stain_s"] += time.perf_counter() - t0
         return x, self.pset.labels[idx[sl]]
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
@@ -298,12 +325,16 @@ def make_loader(
     window_chunks: int | None = None,
     prefetch: int = 0,
     pin_memory: bool = False,
+    stain: StainNormaliser | None = None,
+    jitter: tuple[float, float] | None = None,
 ) -> EpochLoader:
     """The per-rank epoch loader (see the module docstring for the design).
 
     ``workers`` > 0: DataLoader worker processes (forked) build the batches; ``prefetch`` > 0
     (with workers = 0): one background thread reads that many batches ahead; ``pin_memory``
-    pins batches for asynchronous host-to-GPU copies (CUDA only)."""
+    pins batches for asynchronous host-to-GPU copies (CUDA only). ``stain``: a stain normaliser
+    applied to every batch (`medflow.extract.wsi.stain`); ``jitter``: HED jitter (scale, bias),
+    `medflow.train.stain_jitter`."""
     return EpochLoader(
         pset,
         batch_size=batch_size,
@@ -320,4 +351,6 @@ def make_loader(
         window_chunks=window_chunks,
         prefetch=prefetch,
         pin_memory=pin_memory,
+        stain=stain,
+        jitter=jitter,
     )

@@ -10,7 +10,7 @@ patients, the digests of what was read and of what was written.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,9 @@ from .evaluate import predict_set
 from .inputs import input_digests
 from .patchset import PatchSet
 from .splits import check_index, fold_patients, load_plan
+from .stain_setup import check_model_shards, for_shard_patches
+
+Transform = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -71,15 +74,22 @@ def load_outer_fold(
     return OuterFold(cfg, study, study_cfg, index, outer, test_patients, Path(out_dir), inputs)
 
 
-def load_model_for(fold: OuterFold, path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model file, checked to have the classes of the fold's cohort."""
+def load_model_for(fold: OuterFold, path: str | Path) -> tuple[nn.Module, dict[str, Any], Transform | None]:
+    """The model file, checked to have the classes of the fold's cohort and to fit its shards' stain
+    handling; with the batch transform that prepares test patches as its training patches were (the
+    load-time stain normaliser the model records, or None)."""
     model, meta = models.load_model(path)
     if meta.get("class_names") != fold.index["class_names"]:
         raise InputError(path, f"classes {meta.get('class_names')} differ from the index's {fold.index['class_names']}")
-    return model, meta
+    if fold.index["kind"] == "wsi":
+        check_model_shards(meta, [s["path"] for s in fold.index["shards"]])
+    normaliser = for_shard_patches(meta, path)
+    return model, meta, (normaliser.apply if normaliser is not None else None)
 
 
-def test_model(model: nn.Module, fold: OuterFold, record: JobRecord) -> dict[str, Any]:
+def test_model(
+    model: nn.Module, fold: OuterFold, record: JobRecord, transform: Transform | None = None
+) -> dict[str, Any]:
     """Predict the fold's test set, write ``predictions.npz``, fill the record; returns the test metrics."""
     d = dist_mod.Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(d.device)
@@ -89,7 +99,7 @@ def test_model(model: nn.Module, fold: OuterFold, record: JobRecord) -> dict[str
         test_set = PatchSet(fold.index, fold.test_patients, train_cfg["max_patches"], seed)
     with record.timed("predict"):
         batch = max(2 * int(train_cfg["batch_size"]), 64)
-        y_true, y_prob, load_s = predict_set(model, test_set, d, batch, gather=False)
+        y_true, y_prob, load_s = predict_set(model, test_set, d, batch, gather=False, transform=transform)
     n = len(test_set)
     record["throughput"]["load_ms_per_patch"] = 1000.0 * load_s / n if n else None
     record["throughput"]["predict_img_per_s"] = n / record["timings_s"]["predict"] if n else None

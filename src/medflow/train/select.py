@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     metric = fold.study_cfg["train"]["selection_metric"]
     candidates = read_candidates(args.inner_dirs, args.study, args.outer, metric)
     best = choose(candidates)
-    model, meta = load_model_for(fold, Path(best["dir"]) / "model.pt")
+    model, meta, transform = load_model_for(fold, Path(best["dir"]) / "model.pt")
     record = JobRecord(
         "select",
         fold.cfg,
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         selected_epochs=_epochs_of(best["record"]),
     )
     record["timings_s"]["load_args"] = time.perf_counter() - t0
-    test = test_model(model, fold, record)
+    test = test_model(model, fold, record, transform)
     record["metrics"] = {"val": best["record"]["metrics"].get("val"), "test": test}
     selection = {"selected_inner": best["inner"], "selection_metric": metric, "selection_value": best["value"]}
     models.save_model(fold.out_dir / "model.pt", model, {**meta, **selection, "test_oacc": test["oacc"]})

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     fold = load_outer_fold(
         args.config, args.study, args.index, args.folds, args.outer, args.out_dir, {"model": model_path}
     )
-    model, meta = load_model_for(fold, model_path)
+    model, meta, transform = load_model_for(fold, model_path)
     record = JobRecord(
         "test",
         fold.cfg,
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         trained_epochs=meta.get("epochs_run"),
     )
     record["timings_s"]["load_args"] = time.perf_counter() - t0
-    record["metrics"] = {"test": test_model(model, fold, record)}
+    record["metrics"] = {"test": test_model(model, fold, record, transform)}
     finish(record, fold, ["predictions.npz"])
     print(f"test {fold.out_dir}: {args.model} test oacc {record['metrics']['test']['oacc']}")
     return 0

@@ -28,10 +28,11 @@ from ...core.manifest import entry as manifest_entry
 from ...core.records import JobRecord
 from ...core.shards import ShardWriter, open_shard
 from .. import job as job_mod
-from . import classes, qc, tissue
+from . import classes, qc, stain_reference, tissue
 from .reading import BackgroundWriter, PatchSource, read_into
 from .sampling import Candidates, SlideAnnotations, coverage, label_map, sample, slide_annotations, slide_rng
 from .slide import ReadPlan, choose_level, level0_mpp, open_slide
+from .stain import StainNormaliser
 
 
 def input_files(entry: ImageEntry) -> dict[str, str]:
@@ -48,25 +49,32 @@ def extract_slide(
     cache_bytes: int | None = None,
     force: bool = False,
     verbose: bool = True,
+    stain: str | Path | None = None,
 ) -> dict:
     """Extract one slide into ``out`` and write its record; returns the record.
 
     ``cache_bytes`` sets OpenSlide's tile cache (0 disables it; None keeps the default), for
     benchmarks. ``force`` ignores an up-to-date shard. With ``wsi.on_error: skip`` a bad input
     gives a ``failed`` record and no shard; with ``fail`` the InputError propagates and nothing is written.
+    ``stain``: the cohort's stain reference (`medflow fit-stain`), required when ``wsi.stain.apply`` is
+    extraction; the shard then depends on its digest (inputs ``params.stain``).
     """
     classes.check_quota(cfg["wsi"]["sampling"], classes.class_map(cfg["wsi"]["labels"]).classes)
     target = job_mod.Target("wsi", cohort, entry, Path(out), Path(record_path))
+    normaliser = stain_reference.for_extraction(cfg, cohort, stain)
+    params: dict[str, Any] = {"manifest_mpp": entry.mpp}
+    if normaliser is not None:
+        params["stain"] = normaliser.digest
 
     def extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict) -> None:
-        _extract(target, cfg, rec, inputs, cache_bytes)
+        _extract(target, cfg, rec, inputs, cache_bytes, normaliser, stain)
 
     record = job_mod.run(
         target,
         cfg,
         lambda: input_files(entry),
         extract,
-        params={"manifest_mpp": entry.mpp},
+        params=params,
         force=force,
         verbose=verbose,
     )
@@ -94,7 +102,15 @@ def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> t
     return tm
 
 
-def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, cache_bytes: int | None) -> None:
+def _extract(
+    target: job_mod.Target,
+    cfg: dict,
+    rec: JobRecord,
+    inputs: dict,
+    cache_bytes: int | None,
+    normaliser: StainNormaliser | None = None,
+    stain_path: str | Path | None = None,
+) -> None:
     entry, wsi_cfg = target.entry, cfg["wsi"]
     cmap = classes.class_map(wsi_cfg["labels"])
     n_classes = len(cmap.classes)
@@ -129,7 +145,9 @@ def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, ca
         raise InputError(entry.image, "no patch meets the tissue/label thresholds (wsi.labels, wsi.tissue)")
     attrs = {**job_mod.base_attrs(target, cfg, inputs, rec["config_hash"]), **_geometry_attrs(plan, mpp_source, tm)}
     rejected: list[np.ndarray] = []
-    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes, rejected)
+    if normaliser is not None:
+        attrs["stain"] = normaliser.record(applied="extraction", reference=str(stain_path))
+    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes, rejected, normaliser)
     slide.close()
     rec["wsi"] = {**_wsi_summary(plan, mpp_source, tm, cand), "unsampled_groups": ann.other_groups}
     if thumb is not None:
@@ -166,11 +184,13 @@ def _read_and_write(
     rec: JobRecord,
     cache_bytes: int | None,
     rejected: list[np.ndarray] | None = None,
+    normaliser: StainNormaliser | None = None,
 ) -> None:
-    """Read the candidates into the shard (atomically), recording read/write timings and rejects.
+    """Read the candidates into the shard (atomically), recording read/write timings and rejects; quality
+    is judged on the raw patches, the stain normaliser (if any) runs in the writer thread.
 
-    Stages do not overlap: ``read`` runs to the end of the read loop (the writer thread appends
-    meanwhile; its busy time is ``concurrent_s.write_thread``), ``write`` from there to the renamed shard.
+    Stages do not overlap: ``read`` runs to the end of the read loop (the writer thread appends and
+    normalises meanwhile; its busy times are ``concurrent_s``), ``write`` from there to the renamed shard.
     """
     t0 = time.perf_counter()
     # The pool is forked before the writer thread and the HDF5 file exist.
@@ -184,7 +204,10 @@ def _read_and_write(
             chunk_patches=cfg["shards"]["chunk_patches"],
             compression=cfg["shards"]["compression"],
         ) as writer:
-            sink = BackgroundWriter(writer)
+            # Normalisation runs in the writer thread, beside the decode, on as many threads as the job has CPUs.
+            threads = cfg["wsi"]["workers"]
+            transform = (lambda p: normaliser.apply(p, threads=threads)) if normaliser is not None else None
+            sink = BackgroundWriter(writer, transform)
             try:
                 kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink, rejected)
             finally:
@@ -200,6 +223,14 @@ def _read_and_write(
     rec["timings_s"]["read"] = t_read - t0
     rec["timings_s"]["write"] = time.perf_counter() - t_read
     rec["concurrent_s"] = {"write_thread": sink.seconds}
+    if normaliser is not None:
+        rec["concurrent_s"]["stain"] = sink.transform_seconds  # in the writer thread, overlapping `read`
+        rec["stain"] = {
+            "method": normaliser.method,
+            "digest": normaliser.digest,
+            "applied": "extraction",
+            "passed_through": normaliser.passed_through,
+        }
     rec["patches_read"] = n_read
     rec["quality_rejected"] = n_read - sum(kept.values())
 
@@ -259,6 +290,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="shard to write (<image_id>.h5)")
     p.add_argument("--record", required=True, help="extraction record to write (<image_id>.record.json)")
     p.add_argument("--force", action="store_true", help="re-extract even if the shard is up to date")
+    p.add_argument(
+        "--stain", default=None, help="stain reference JSON (medflow fit-stain), when wsi.stain.apply is extraction"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,5 +301,5 @@ def run(args: argparse.Namespace) -> int:
         cfg["wsi"]["sampling"], classes.class_map(cfg["wsi"]["labels"], args.config).classes, args.config
     )
     entry = manifest_entry(cfg, args.cohort, args.image_id)
-    extract_slide(entry, cfg, args.cohort, args.out, args.record, force=args.force)
+    extract_slide(entry, cfg, args.cohort, args.out, args.record, force=args.force, stain=args.stain)
     return 0

@@ -12,7 +12,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +103,14 @@ class PatchSource:
 
 
 class BackgroundWriter:
-    """Appends batches to a ShardWriter from a thread, so HDF5 writes overlap the next decode."""
+    """Appends batches to a ShardWriter from a thread, so HDF5 writes overlap the next decode; an
+    optional ``transform`` of each batch's patches (stain normalisation) runs in that thread too."""
 
-    def __init__(self, writer: ShardWriter):
+    def __init__(self, writer: ShardWriter, transform: Callable[[np.ndarray], np.ndarray] | None = None):
         self.writer = writer
+        self.transform = transform
         self.seconds = 0.0
+        self.transform_seconds = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
@@ -117,12 +120,17 @@ class BackgroundWriter:
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue
-            t0 = time.perf_counter()
             try:
-                self.writer.append(*item)
+                patches, coords, labels = item
+                if self.transform is not None:
+                    t0 = time.perf_counter()
+                    patches = self.transform(patches)
+                    self.transform_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.writer.append(patches, coords, labels)
+                self.seconds += time.perf_counter() - t0
             except BaseException as exc:  # re-raised in the main thread by close()
                 self._error = exc
-            self.seconds += time.perf_counter() - t0
 
     def put(self, patches: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> None:
         if self._error is not None:
