@@ -9,6 +9,8 @@ def all_run_records(wc=None) -> list[str]:
             files += [f"{RES}/runs/{study}/outer{outer}/inner{inner}/record.json" for inner in inner_folds()]
             if study in _HSI_STUDIES:
                 files.append(f"{RES}/runs/{study}/outer{outer}/maps/record.json")
+        if study in _WSI_STUDIES:
+            files += wsi_results(study)
     files += [f"{RES}/index/{cohort}.json" for cohort in COHORTS]
     files += [f"{RES}/folds/{study}.json" for study in STUDIES]
     return files

@@ -16,7 +16,7 @@ from ..core import config as config_mod
 from ..core import fsio
 from ..core.errors import InputError
 from ..core.records import now_iso
-from . import html_page
+from . import html_page, wsi_results
 from . import plots as report_plots
 from . import summary as summary_mod
 from .tables import CSV_TABLES, Table, csv_text, data_tables, display_tables, markdown_table, site_labels
@@ -51,10 +51,13 @@ def build_report(summaries: list[dict], cfg: dict, out_dir: str | Path) -> dict[
     labels = site_labels(summaries)
     title = cfg.get("report", {}).get("title", "medflow study report")
     generated = now_iso()
-    tables = data_tables(summaries, labels)
+    tables = {**data_tables(summaries, labels), **wsi_results.data_tables(summaries, labels)}
     display = display_tables(summaries, labels)
+    if (slides := wsi_results.display_table(summaries, labels)) is not None:  # beside the patch metrics
+        display.insert(next((i + 1 for i, t in enumerate(display) if t.name == "nested_cv"), len(display)), slides)
     figures = report_plots.make_figures(summaries, labels, out_dir / "figures", cfg)
-    for name in CSV_TABLES:
+    figures += wsi_results.copy_figures(summaries, labels, out_dir / "figures")
+    for name in (*CSV_TABLES, "slides", "slide_scores"):
         fsio.write_text(out_dir / f"{name}.csv", csv_text(tables[name]))
     doc = {
         "format": REPORT_FORMAT,

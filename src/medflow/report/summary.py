@@ -17,13 +17,14 @@ from ..core import config as config_mod
 from ..core import fsio, provenance
 from ..core.errors import InputError
 from ..core.records import now_iso
+from . import wsi_results
 from .collect import collect_records, read_curves
 from .energy import add_hours, device_hours, energy, gpu_devices
 from .stats import finite, mean_std, parse_time, ratio, total
 
 SUMMARY_FORMAT = "medflow-summary/1"
 EXTRACT_JOBS = ("extract-wsi", "extract-hsi")
-NESTED_CV_JOBS = ("train", "select", "predict-hsi")
+NESTED_CV_JOBS = ("train", "select", "predict-hsi", "predict-wsi", "slide-metrics", "grad-cam")
 
 
 def site_identity(records: dict[str, list[dict]], site_dir: Path) -> dict[str, Any]:
@@ -159,12 +160,13 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
             return [r for r in records.get(job, []) if str(r.get("study")) == study]
 
         trains, selects, maps = of("train"), of("select"), of("predict-hsi")
+        maps_cost = maps + of("predict-wsi") + of("slide-metrics") + of("grad-cam")
         trains_ok = [r for r in trains if r.get("status") == "ok"]
         selects_ok = [r for r in selects if r.get("status") == "ok"]
         first = (trains or selects or [{}])[0]
         s_epoch = mean_std(_s_per_epoch(r) for r in trains_ok)
         hours = {"gpu_hours": 0.0, "cpu_core_hours": 0.0}
-        for rec in trains + selects + maps:
+        for rec in trains + selects + maps_cost:
             add_hours(hours, device_hours(rec, cfg))
         launch = first.get("launch") or {}
         out[study] = {
@@ -190,8 +192,8 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
             "train_patches": mean_std(_n_train(r) for r in trains_ok),
             "train_img_per_s": mean_std((r.get("throughput") or {}).get("train_img_per_s") for r in trains_ok),
             "load_ms_per_patch": mean_std((r.get("throughput") or {}).get("load_ms_per_patch") for r in trains_ok),
-            "nested_cv_wall_s": total(r.get("wall_s") for r in trains + selects + maps),
-            "nested_cv_elapsed_s": _elapsed_s(trains + selects + maps),
+            "nested_cv_wall_s": total(r.get("wall_s") for r in trains + selects + maps_cost),
+            "nested_cv_elapsed_s": _elapsed_s(trains + selects + maps_cost),
             **hours,
             "outer": [
                 _outer_result(r) for r in sorted(selects, key=lambda r: (r.get("outer") is None, r.get("outer")))
@@ -392,6 +394,7 @@ def summarize(site_dir: str | Path, cfg: dict) -> dict[str, Any]:
         "folds": (plans := fold_plans(site_dir)),
         "preprocessing": preprocessing(records),
         "studies": _with_test_patients(studies(records, cfg, epochs_for_time), plans),
+        "wsi_results": wsi_results.summarize(records, site_dir),
         "stages": stages(records),
         "energy": energy(records, cfg),
         "bench": bench_results(site_dir),
