@@ -45,15 +45,18 @@ from medflow.train import models  # noqa: E402
 SHARED = Path(os.environ.get("MEDFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def bare_loop(entry: ImageEntry, coords: np.ndarray, level: int, read_size: int, patch: int, model, batch: int, device):
-    """read_region + the same forward, nothing else; returns (seconds, probabilities)."""
+def bare_loop(entry: ImageEntry, coords, forward, level: int, read_size: int, patch: int, model, batch: int, device):
+    """read_region of every tile + the same forward of the tiles medflow classifies (``forward``: those
+    its quality check kept, so both do the same model work), nothing else; returns (seconds, probabilities)."""
     t0 = time.perf_counter()
     slide = open_slide(entry.image)
     out, pending = [], []
-    for x, y in coords.tolist():
+    for (x, y), keep in zip(coords.tolist(), forward.tolist()):
         rgb = np.asarray(slide.read_region((x, y), level, (read_size, read_size)))[..., :3]
         if read_size != patch:
             rgb = np.asarray(Image.fromarray(rgb).resize((patch, patch), Image.Resampling.LANCZOS))
+        if not keep:
+            continue
         pending.append(rgb)
         if len(pending) == batch:
             out.append(models.predict_proba(model, torch.from_numpy(np.stack(pending)).to(device)).cpu().numpy())
@@ -106,10 +109,10 @@ def main() -> int:
         geo = rec["geometry"]
         cpu0 = time.process_time()
         b_s, b_probs = bare_loop(
-            entry, coords, geo["level"], geo["read_size"], geo["patch_size"], model, args.batch, d.device
+            entry, coords, ok, geo["level"], geo["read_size"], geo["patch_size"], model, args.batch, d.device
         )
         b_cpu = time.process_time() - cpu0
-        same = float(np.abs(b_probs[ok] - probs[ok]).max())
+        same = float(np.abs(b_probs - probs[ok]).max())
         n = len(coords)
         rows.append(
             {

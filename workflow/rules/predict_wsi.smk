@@ -8,6 +8,7 @@ if _PW["ranks"] > 1:
     _PW_LAUNCHER = "SRUN_CPUS_PER_TASK={resources.cpus_per_task} {resources.mpi} -n {resources.tasks} "
 else:
     _PW_MPI, _PW_LAUNCHER = {}, ""
+_PW_GPU = {"gpu": _PW["ranks"]} if config["launch"]["gpus_per_node"] > 0 else {}  # one GPU per rank
 
 
 def wsi_test_slides(study: str, outer: int) -> list[str]:
@@ -53,7 +54,7 @@ if _WSI_STUDIES:
             mem_mb=6000,
             runtime=120,
             **_PW_MPI,
-            **_GPU,
+            **_PW_GPU,
         shell:
             _PW_LAUNCHER + "medflow predict-wsi --config {CONFIG_FILE} --model {input.model} --cohort {params.cohort}"
             " --image-ids {wildcards.image_id} --study {wildcards.study} --outer {wildcards.outer}"
