@@ -61,6 +61,20 @@ def test_froc_hand_computed_example() -> None:
     assert froc.froc(slides[1:2]) is None  # no lesion: FROC undefined
 
 
+def test_froc_of_a_perfect_detector_is_one() -> None:
+    # Every lesion found at 1.0, no false positive: the challenge's code (dropping the lowest distinct
+    # probability, here 1.0) would give 0; medflow drops only the 0 of missed lesions.
+    slides = [
+        {"tp_probs": [1.0, 1.0], "fp_probs": [], "n_lesions": 2},
+        {"tp_probs": [], "fp_probs": [], "n_lesions": 0},
+    ]
+    assert froc.froc(slides)["score"] == 1.0
+    missed = [{"tp_probs": [1.0, 0.0], "fp_probs": [0.3], "n_lesions": 2}]
+    fps, sens = froc.froc_curve(missed)  # thresholds 0.3, 1.0 (0 dropped, as the challenge's code drops it)
+    np.testing.assert_allclose(fps, [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(sens, [0.5, 0.5, 0.0])
+
+
 def _square(x0: float, y0: float, size: float, group: str = "tumour") -> Polygon:
     ring = np.array([[x0, y0], [x0 + size, y0], [x0 + size, y0 + size], [x0, y0 + size]], dtype=float)
     return Polygon(ring, group=group)

@@ -12,9 +12,14 @@ port of it) step by step, so scores compare with published ones:
 - **Matching**: a detection (level-0 x, y) hits the component at (⌊y / cell⌋, ⌊x / cell⌋); label 0 → false
   positive; a lesion's probability is that of its highest-probability hit (0 if none). Every detection
   on a slide without tumour is a false positive.
-- **FROC**: over the distinct probabilities of all false positives and lesions except the lowest,
-  false positives per slide and lesion sensitivity at "≥ threshold", plus the point (0, 0); the score is
-  the mean of the sensitivities interpolated at 1/4, 1/2, 1, 2, 4 and 8 false positives per slide.
+- **FROC**: over the distinct probabilities of all false positives and lesions, false positives per
+  slide and lesion sensitivity at "≥ threshold", plus the point (0, 0); the score is the mean of the
+  sensitivities interpolated at 1/4, 1/2, 1, 2, 4 and 8 false positives per slide. One deliberate
+  difference: the challenge's code drops the *lowest* distinct probability (meant to drop the 0 that
+  stands for a missed lesion), medflow drops exactly 0. Both agree whenever a lesion is missed or an
+  ITC exists (then the lowest value is 0); where every lesion is found, the challenge's code loses the
+  operating point of the weakest detection — a detector finding every lesion without false positives
+  would score 0 there, 1 here.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def froc_curve(slides: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray
     fps = np.array([p for s in slides for p in s["fp_probs"]], dtype=np.float64)
     tps = np.array([p for s in slides for p in s["tp_probs"]], dtype=np.float64)
     n_lesions = sum(int(s["n_lesions"]) for s in slides)
-    thresholds = sorted(set(fps.tolist()) | set(tps.tolist()))[1:]
+    thresholds = sorted((set(fps.tolist()) | set(tps.tolist())) - {0.0})
     total_fp = [int((fps >= t).sum()) for t in thresholds] + [0]
     total_tp = [int((tps >= t).sum()) for t in thresholds] + [0]
     return np.asarray(total_fp, dtype=np.float64) / len(slides), np.asarray(total_tp, dtype=np.float64) / n_lesions

@@ -26,7 +26,7 @@ JOBS = ("predict-wsi", "slide-metrics", "grad-cam")
 
 
 def _rel(path: Path, site_dir: Path) -> str:
-    return str(path.relative_to(site_dir))
+    return str(path.resolve().relative_to(site_dir))
 
 
 def summarize(records: dict[str, list[dict]], site_dir: Path) -> dict[str, dict[str, Any]]:
