@@ -74,19 +74,26 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument(
+        "--slide", default="cmu", choices=["cmu", "tcga", "synthetic"], help="shared-data slide or a synthetic one"
+    )
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_wsi_"))
-    cmu = SHARED / "cmu1_small_region" / "CMU-1-Small-Region.svs"
-    if cmu.is_file():
-        entry = ImageEntry("cmu", "p", str(cmu))
+    real = {  # image id → (file, manifest mpp): the TCGA slide has no mpp metadata (JPEG 2000 tiles)
+        "cmu": (SHARED / "cmu1_small_region" / "CMU-1-Small-Region.svs", ""),
+        "tcga": (SHARED / "tcga_cr7395_svs" / "tcga-cr-7395-01a-01-ts1.svs", "0.25"),
+    }
+    path, mpp = real.get(args.slide, (Path("/nonexistent"), ""))
+    if path.is_file():
+        entry = ImageEntry(args.slide, "p", str(path), mpp=float(mpp) if mpp else None)
     else:
-        entry = write_slide(tmp, np.random.default_rng(0), 4096, 0.5)
+        entry, mpp = write_slide(tmp, np.random.default_rng(0), 4096, 0.5), ""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     del cfg["synth"]
     manifest = tmp / "manifest.csv"
-    manifest.write_text(f"image_id,patient_id,image\n{entry.image_id},p,{entry.image}\n")
+    manifest.write_text(f"image_id,patient_id,image,mpp\n{entry.image_id},p,{entry.image},{mpp}\n")
     cfg["cohorts"] = {"bench": {"kind": "wsi", "manifest": str(manifest)}}
     cfg["studies"] = {}
     cfg["predict_wsi"] = {"overlap": args.overlap, "batch_size": args.batch, "device": args.device}

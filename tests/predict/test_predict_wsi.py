@@ -20,7 +20,7 @@ from medflow.core.manifest import ImageEntry
 from medflow.extract.wsi import annotations, tissue
 from medflow.extract.wsi.pyramid import write_pyramid_tiff
 from medflow.extract.wsi.slide import open_slide
-from medflow.predict import regions, tiling
+from medflow.predict import regions, tiling, wsi
 from medflow.train import models
 
 SLIDES = {  # image_id → (path below the shared data, manifest mpp: the TCGA slide has no mpp metadata)
@@ -246,3 +246,25 @@ def test_two_ranks_shard_tiles_and_rank0_gathers(real_run, tmp_path: Path) -> No
     with np.load(out / "cmu.npz") as a, np.load(two / "cmu.npz") as b:
         np.testing.assert_array_equal(a["rc"], b["rc"])
         np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-6)
+
+
+def test_more_than_two_classes_one_map_per_class(tmp_path: Path, shared_data: Path) -> None:
+    """Three classes (as multi-class annotations will give): a heatmap panel per class, regions of every
+    class but the first, slide score of the positive class."""
+    cfg_path = make_config(tmp_path, [f"cmu,p1,{shared_data / SLIDES['cmu'][0]},,,"], overlap=0.0)
+    cfg = config_mod.load(cfg_path)
+    classes = ["normal", "tumour", "stroma"]
+    cfg["wsi"]["labels"]["classes"] = classes  # past the schema's current two-class limit, on purpose
+    model, meta = models.load_model(make_model(tmp_path / "m3.pt", classes=tuple(classes)))
+    job = wsi.SlideJob(cfg, "real", model, meta, str(tmp_path / "m3.pt"), wsi.make_dist(cfg), "tumour")
+    entry = ImageEntry("cmu", "p1", str(shared_data / SLIDES["cmu"][0]))
+    rec = job.run(entry, tmp_path / "out3", None, None)
+    assert rec is not None
+    with np.load(tmp_path / "out3" / "cmu.npz") as npz:
+        assert npz["probability_map"].shape[-1] == 3 and list(npz["class_names"]) == classes
+        ok, probs = npz["quality_ok"], npz["probabilities"]
+    assert rec["slide"]["score"] == pytest.approx(np.sort(probs[ok, 1])[::-1][:5].mean())
+    groups = {p.group for p in annotations.parse_geojson(tmp_path / "out3" / "cmu.geojson")}
+    assert groups <= {"tumour", "stroma"}
+    two = Image.open(tmp_path / "out3" / "cmu.png").size[0]
+    assert two > 3 * 300  # the slide and three class panels side by side

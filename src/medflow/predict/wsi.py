@@ -274,6 +274,8 @@ class SlideJob:
             part = (probs, ok, stats)
         except InputError as exc:
             problem = (str(exc.path) if exc.path else entry.image, exc.problem)
+            if slide is not None:
+                slide.close()
         gathered = d.allgather_object((part, problem)) if d.size > 1 else [(part, problem)]
         for _, prob in gathered:
             if prob is not None:
