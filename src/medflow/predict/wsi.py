@@ -248,11 +248,11 @@ class SlideJob:
             np.zeros(0, bool),
             {},
         )
-        slide = grid = plan = source_name = None
+        slide = grid = plan = mpp_source = None
         try:
             with rec.timed("open"):
                 slide = open_slide(entry.image)
-                plan, source_name = self.plan(slide, entry)
+                plan, mpp_source = self.plan(slide, entry)
             grid, _ = self.tiles(slide, entry, plan, rec)
             mine = rank_slice(len(grid.coords), d.rank, d.size)
             source = PatchSource(entry.image, slide, plan, self.pcfg["workers"])
@@ -280,12 +280,12 @@ class SlideJob:
         for _, prob in gathered:
             if prob is not None:
                 raise InputError(prob[0], prob[1])
-        assert slide is not None and plan is not None and grid is not None and source_name is not None
+        assert slide is not None and plan is not None and grid is not None and mpp_source is not None
         probs = np.concatenate([g[0][0] for g in gathered])
         ok = np.concatenate([g[0][1] for g in gathered])
         for key in ("read", "wait", "predict", "infer"):  # the slowest rank's time is the job's
             rec["timings_s"][key] = max(g[0][2].get(key, 0.0) for g in gathered)
-        return slide, plan, source_name, grid, probs, ok
+        return slide, plan, mpp_source, grid, probs, ok
 
     def run(self, entry: ImageEntry, out_dir: Path, study: str | None, outer: int | None) -> dict | None:
         rec = JobRecord(
@@ -303,6 +303,7 @@ class SlideJob:
             positive_class=self.positive,
             device=str(self.d.device),
             ranks=self.d.size,
+            threads=torch.get_num_threads(),
         )
         slide, plan, mpp_source, grid, probs, ok = self.predict(entry, rec)
         if not self.d.is_root:
