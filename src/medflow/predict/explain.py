@@ -128,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
             group: dict[str, Any] = {"true": c, "correct": correct, "available": 0, "samples": []}
             group["available"] = int(((y_true == c) & ((y_pred == c) == correct)).sum())
             if len(rows):
-                patches = read_patches(index, image_ids[rows], coords[rows])
+                try:
+                    patches = read_patches(index, image_ids[rows], coords[rows])
+                except InputError as exc:  # a slide the index does not know: the predictions are from elsewhere
+                    raise InputError(exc.path or args.predictions, exc.problem) from None
                 cams, probs = grad_cam(model, torch.from_numpy(patches))
                 up = upsample(cams, patches.shape[1:3])
                 for i, row in enumerate(rows.tolist()):
