@@ -32,6 +32,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/select.smk"
 include: "workflow/rules/refit.smk"
 include: "workflow/rules/predict_hsi.smk"
+include: "workflow/rules/predict_wsi.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/bench.smk"
 

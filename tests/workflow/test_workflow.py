@@ -173,3 +173,33 @@ def test_dry_run_writes_nothing(demo_run, tmp_path):
     proc = snakemake(fresh, "-n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _tree(fresh) == {}  # not even the effective config file
+
+
+def test_wsi_study_has_heatmaps_regions_slide_metrics_and_grad_cam(demo_run):
+    _, res = demo_run
+    plan = read_json(res / "folds" / "wsi_demo.json")
+    index = read_json(res / "index" / "wsi_demo.json")
+    summary = read_json(res / "summary.json")["wsi_results"]["wsi_demo"]
+    assert len(summary["folds"]) == len(plan["outer"])
+    for outer in plan["outer"]:
+        fold_dir = res / "runs" / "wsi_demo" / f"outer{outer['index']}"
+        test_slides = sorted(s["image_id"] for s in index["shards"] if s["patient_id"] in outer["test_patients"])
+        # one predict-wsi job per test slide of the fold, each with all of its outputs
+        assert sorted(p.name[: -len(".record.json")] for p in (fold_dir / "wsi").glob("*.record.json")) == test_slides
+        for image_id in test_slides:
+            for suffix in (".npz", ".png", ".geojson"):
+                assert (fold_dir / "wsi" / f"{image_id}{suffix}").stat().st_size > 0
+            assert (fold_dir / "wsi" / f"{image_id}.csv").is_file()  # empty when nothing reaches detection_min
+            geo = read_json(fold_dir / "wsi" / f"{image_id}.geojson")
+            assert geo["type"] == "FeatureCollection"
+            assert all(f["geometry"]["type"] == "Polygon" for f in geo["features"])
+        metrics = read_json(fold_dir / "wsi" / "record.json")
+        assert metrics["job"] == "slide-metrics" and metrics["slide"]["n"] == len(test_slides)
+        # every patient of the demo has a tumour slide and a normal one: the fold's slide AUC is defined
+        assert metrics["slide"]["auc"] is not None and metrics["froc"] is not None
+        assert (fold_dir / "gradcam" / "gradcam.png").stat().st_size > 0
+    md = (res / "report" / "report.md").read_text()
+    html = (res / "report" / "report.html").read_text()
+    assert "Whole-slide results" in md and 'id="heatmaps"' in html and 'id="gradcam"' in html
+    slides_csv = (res / "report" / "slides.csv").read_text().splitlines()
+    assert len(slides_csv) == 1 + len(plan["outer"])

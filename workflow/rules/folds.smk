@@ -1,11 +1,12 @@
-# Patient-level nested cross-validation plan of a study (grouped by patient, stratified/balanced).
+# Patient-level nested cross-validation plan of a study (grouped by patient, stratified/balanced). A checkpoint:
+# the per-slide rules of WSI studies (predict_wsi.smk) learn each outer fold's test slides from the plan.
 
 
 def study_index(wc) -> str:
     return f"{RES}/index/{STUDIES[wc.study]['cohort']}.json"
 
 
-rule plan_folds:
+checkpoint plan_folds:
     input:
         study_index,
     output:

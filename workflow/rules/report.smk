@@ -11,6 +11,8 @@ def all_run_records(wc=None) -> list[str]:
                 files.append(f"{RES}/runs/{study}/outer{outer}/maps/record.json")
             if config["select"]["refit"]:
                 files.append(f"{RES}/runs/{study}/outer{outer}/refit/test/record.json")
+        if study in _WSI_STUDIES:
+            files += wsi_results(study)
     files += [f"{RES}/index/{cohort}.json" for cohort in COHORTS]
     files += [f"{RES}/folds/{study}.json" for study in STUDIES]
     return files

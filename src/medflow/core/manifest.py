@@ -15,7 +15,7 @@ from pathlib import Path
 from . import fsio
 from .errors import InputError
 
-COLUMNS = ("image_id", "patient_id", "image", "annotation", "white", "dark", "mpp", "mask")
+COLUMNS = ("image_id", "patient_id", "image", "annotation", "white", "dark", "mpp", "mask", "label")
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -29,6 +29,7 @@ class ImageEntry:
     dark: str = ""  # HSI raw mosaics: dark reference frame
     mpp: float | None = None  # WSI: level-0 µm/px when the slide has no mpp metadata
     mask: str = ""  # WSI: optional user tissue mask image
+    label: str = ""  # WSI: optional slide-level class name (slide metrics); "" = from the annotation
 
     def files(self) -> list[str]:
         """Every input file of this entry (what a Snakemake rule depends on)."""
@@ -71,7 +72,8 @@ def read_manifest(path: str | Path) -> list[ImageEntry]:
         resolved = {k: _resolve(path, row.get(k)) for k in ("image", "annotation", "white", "dark", "mask")}
         if not resolved["image"]:
             raise InputError(path, f"line {line}: empty image path")
-        entries.append(ImageEntry(image_id=image_id, patient_id=patient_id, mpp=mpp, **resolved))
+        label = (row.get("label") or "").strip()
+        entries.append(ImageEntry(image_id=image_id, patient_id=patient_id, mpp=mpp, label=label, **resolved))
     return entries
 
 

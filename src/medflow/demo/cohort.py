@@ -39,14 +39,17 @@ def plan(cfg: dict) -> dict[str, list[ImageEntry]]:
     for p in range(wsi_cfg["patients"]):
         patient = f"wsi_p{p:02d}"
         n_slides = int(rng_for(seed, "slides", patient).integers(1, wsi_cfg["max_slides_per_patient"] + 1))
-        for s in range(n_slides):
-            image_id = f"{patient}_s{s}"
+        # Slides with tumour (s0, s1, ...), then tumour-free ones (n0, ...) labelled "normal" in the manifest.
+        ids = [(f"{patient}_s{s}", "") for s in range(n_slides)]
+        ids += [(f"{patient}_n{k}", "normal") for k in range(wsi_cfg["normal_slides"])]
+        for image_id, label in ids:
             wsi.append(
                 ImageEntry(
                     image_id=image_id,
                     patient_id=patient,
                     image=str(out / "wsi" / f"{image_id}.tiff"),
                     annotation=str(out / "wsi" / f"{image_id}.xml"),
+                    label=label,
                 )
             )
     hsi = []
@@ -103,7 +106,9 @@ def write_cohort(cfg: dict, only: str | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
         wc = cfg["synth"]["wsi"]
         for e in entries["wsi"]:
-            rgb, polygons = make_slide(rng_for(seed, "wsi", e.image_id), wc["width"], wc["height"], wc["mpp"])
+            rgb, polygons = make_slide(
+                rng_for(seed, "wsi", e.image_id), wc["width"], wc["height"], wc["mpp"], with_tumour=e.label != "normal"
+            )
             write_pyramid_tiff(e.image, rgb, wc["mpp"])
             write_asap_xml(e.annotation, {"metastases": polygons})
         write_manifest(manifest_path(cfg, "wsi"), entries["wsi"])

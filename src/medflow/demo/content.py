@@ -49,8 +49,10 @@ def _polygon_mask(shape: tuple[int, int], polygons: list[np.ndarray]) -> np.ndar
     return np.asarray(img, dtype=bool)
 
 
-def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """An H&E-like RGB image and its tumour polygons (level-0 x, y)."""
+def make_slide(
+    rng: np.random.Generator, width: int, height: int, mpp: float, with_tumour: bool = True
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """An H&E-like RGB image and its tumour polygons (level-0 x, y); ``with_tumour=False``: a normal slide."""
     shape = (height, width)
     um = 1.0 / mpp  # pixels per µm
     tissue = _smooth_field(rng, shape, cell=int(400 * um)) * 0.6 + _smooth_field(rng, shape, cell=int(120 * um)) * 0.4
@@ -60,7 +62,7 @@ def make_slide(rng: np.random.Generator, width: int, height: int, mpp: float) ->
     # Tumour: 1–2 irregular polygons placed where there is tissue.
     polygons: list[np.ndarray] = []
     candidates = np.argwhere(tissue_mask[:: int(50 * um), :: int(50 * um)]) * int(50 * um)
-    for _ in range(int(rng.integers(1, 3))):
+    for _ in range(int(rng.integers(1, 3)) if with_tumour else 0):
         cy, cx = candidates[rng.integers(len(candidates))]
         poly = _star_polygon(rng, (float(cx), float(cy)), radius=float(rng.uniform(180, 320) * um))
         polygons.append(np.clip(poly, 0, [width - 1, height - 1]))  # outlines stay on the slide

@@ -16,7 +16,7 @@ from ..core import config as config_mod
 from ..core import fsio
 from ..core.errors import InputError
 from ..core.records import now_iso
-from . import html_page, slide_qc
+from . import html_page, slide_qc, wsi_results
 from . import plots as report_plots
 from . import summary as summary_mod
 from .tables import CSV_TABLES, Table, csv_text, data_tables, display_tables, markdown_table, site_labels
@@ -53,15 +53,18 @@ def build_report(summaries: list[dict], cfg: dict, out_dir: str | Path) -> dict[
     labels = site_labels(summaries)
     title = cfg.get("report", {}).get("title", "medflow study report")
     generated = now_iso()
-    tables = data_tables(summaries, labels)
+    tables = {**data_tables(summaries, labels), **wsi_results.data_tables(summaries, labels)}
     display = display_tables(summaries, labels)
+    if (slides := wsi_results.display_table(summaries, labels)) is not None:  # beside the patch metrics
+        display.insert(next((i + 1 for i, t in enumerate(display) if t.name == "nested_cv"), len(display)), slides)
     figures = report_plots.make_figures(summaries, labels, out_dir / "figures", cfg)
     if any(s.get("slide_qc") for s in summaries):
         tables["slide_qc"] = slide_qc.data_table(summaries, labels, cfg)
         after = next((i + 1 for i, t in enumerate(display) if t.name == "preprocessing"), len(display))
         display.insert(after, slide_qc.display_table(summaries, labels, cfg))
         figures += slide_qc.gallery(summaries, labels, out_dir / "figures", cfg)
-    for name in [*CSV_TABLES, *(["slide_qc"] if "slide_qc" in tables else [])]:
+    figures += wsi_results.copy_figures(summaries, labels, out_dir / "figures")
+    for name in [*CSV_TABLES, "slides", "slide_scores", *(["slide_qc"] if "slide_qc" in tables else [])]:
         fsio.write_text(out_dir / f"{name}.csv", csv_text(tables[name]))
     doc = {
         "format": REPORT_FORMAT,

@@ -59,6 +59,17 @@ def collect_records(site_dir: Path) -> dict[str, list[dict[str, Any]]]:
         rec.setdefault("study", path.parents[2].name)
         rec.setdefault("outer", _fold_number(_OUTER, path.parents[1].name))
         found[rec.get("job") or "predict-hsi"].append(rec)
+    for pattern, job in (
+        ("runs/*/outer*/wsi/*.record.json", "predict-wsi"),
+        ("runs/*/outer*/wsi/record.json", "slide-metrics"),
+        ("runs/*/outer*/gradcam/record.json", "grad-cam"),
+    ):
+        for path in sorted(site_dir.glob(pattern)):
+            rec = _read_record(path)
+            outer_dir = path.parents[1]
+            rec.setdefault("study", outer_dir.parent.name)
+            rec.setdefault("outer", _fold_number(_OUTER, outer_dir.name))
+            found[rec.get("job") or job].append(rec)
     return dict(found)
 
 

@@ -35,6 +35,13 @@ nav a{margin-right:1rem}
 """
 
 
+# Figure kinds shown as galleries of small multiples after the figures: kind → (anchor, heading).
+GALLERIES = {
+    "heatmap": ("heatmaps", "Whole-slide heatmaps (outer test slides)"),
+    "gradcam": ("gradcam", "Grad-CAM of test patches (interpretability)"),
+}
+
+
 def _cell(value: Any) -> str:
     return html.escape(str(value))
 
@@ -100,7 +107,7 @@ def render(
     figures: list[dict[str, Any]],
 ) -> str:
     nav = "".join(f'<a href="#{_cell(t.name)}">{_cell(t.title)}</a>' for t in tables)
-    plots = [f for f in figures if f.get("kind") not in ("map", "qc")]
+    plots = [f for f in figures if f.get("kind") not in ("map", "qc", *GALLERIES)]
     maps = [f for f in figures if f.get("kind") == "map"]
     qc = [f for f in figures if f.get("kind") == "qc"]
     qc_link = '<a href="#slide-qc-images">Slide QC images</a>' if qc else ""
@@ -125,5 +132,13 @@ def render(
             *[figure_html(f) for f in maps],
             "</div>",
         ]
+    for kind, (anchor, heading) in GALLERIES.items():
+        if gallery := [f for f in figures if f.get("kind") == kind]:
+            parts += [
+                f'<h2 id="{anchor}">{heading}</h2>',
+                '<div class="maps">',
+                *[figure_html(f) for f in gallery],
+                "</div>",
+            ]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

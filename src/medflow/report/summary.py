@@ -17,14 +17,14 @@ from ..core import config as config_mod
 from ..core import fsio, provenance
 from ..core.errors import InputError
 from ..core.records import now_iso
-from . import slide_qc
+from . import slide_qc, wsi_results
 from .collect import collect_records, read_curves
 from .energy import add_hours, device_hours, energy, gpu_devices, job_cores
 from .stats import finite, mean_std, parse_time, ratio, total
 
 SUMMARY_FORMAT = "medflow-summary/1"
 EXTRACT_JOBS = ("extract-wsi", "extract-hsi")
-NESTED_CV_JOBS = ("train", "select", "refit", "test", "predict-hsi")
+NESTED_CV_JOBS = ("train", "select", "refit", "test", "predict-hsi", "predict-wsi", "slide-metrics", "grad-cam")
 
 
 def site_identity(records: dict[str, list[dict]], site_dir: Path, cfg: dict | None = None) -> dict[str, Any]:
@@ -168,12 +168,13 @@ def studies(records: dict[str, list[dict]], cfg: dict, epochs_for_time: int) -> 
 
         trains, selects, maps = of("train"), of("select"), of("predict-hsi")
         refits, refit_tests = of("refit"), of("test")
+        maps_cost = maps + of("predict-wsi") + of("slide-metrics") + of("grad-cam")
         trains_ok = [r for r in trains if r.get("status") == "ok"]
         selects_ok = [r for r in selects if r.get("status") == "ok"]
         tests_ok = [r for r in refit_tests if r.get("status") == "ok"]
         first = (trains or selects or [{}])[0]
         s_epoch = mean_std(_s_per_epoch(r) for r in trains_ok)
-        nested_cv_jobs = trains + selects + refits + refit_tests + maps
+        nested_cv_jobs = trains + selects + refits + refit_tests + maps_cost
         hours = {"gpu_hours": 0.0, "cpu_core_hours": 0.0}
         for rec in nested_cv_jobs:
             add_hours(hours, device_hours(rec, cfg))
@@ -428,6 +429,7 @@ def summarize(site_dir: str | Path, cfg: dict) -> dict[str, Any]:
         "folds": (plans := fold_plans(site_dir)),
         "preprocessing": preprocessing(records),
         "studies": _with_test_patients(studies(records, cfg, epochs_for_time), plans),
+        "wsi_results": wsi_results.summarize(records, site_dir),
         "stages": stages(records),
         "slide_qc": slide_qc.slide_rows(records, site_dir),
         "energy": energy(records, cfg),

@@ -42,6 +42,8 @@ from .trainer import Trainer, recalibrate_batchnorm
 
 
 def model_meta(job: FoldJob, pset_train: PatchSet, progress: Progress) -> dict[str, Any]:
+    # predict-wsi reads slides at the model's µm/px, whatever the config it runs with says
+    scale = {"mpp": job.cfg["wsi"]["mpp"]} if job.index["kind"] == "wsi" else {}
     return {
         "class_names": pset_train.class_names,
         "kind": job.index["kind"],
@@ -56,6 +58,7 @@ def model_meta(job: FoldJob, pset_train: PatchSet, progress: Progress) -> dict[s
         "config_hash": job.config_hash,
         "dtype": str(pset_train.dtype),
         "data_digest": job.data_digest,
+        **scale,
     }
 
 

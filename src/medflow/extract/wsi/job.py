@@ -84,22 +84,7 @@ def extract_slide(
 
 
 def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> tissue.TissueMask:
-    tcfg = wsi_cfg["tissue"]
-    if entry.mask:
-        tm = tissue.user_mask(entry.mask, *slide.dimensions)
-    elif tcfg["method"] == "mask":
-        raise InputError(entry.image, "wsi.tissue.method is 'mask' but the manifest row has no mask")
-    else:
-        try:
-            tm = tissue.otsu_mask(slide, mpp0, tcfg)
-        except openslide.OpenSlideError as exc:
-            raise InputError(entry.image, f"decode error while building the tissue mask ({exc})") from None
-    if not tm.mask.any():
-        raise InputError(
-            entry.mask or entry.image,
-            f"no tissue found (threshold {tm.threshold:.1f} on {tcfg['channel']}; adjust wsi.tissue or supply a mask)",
-        )
-    return tm
+    return tissue.slide_tissue(slide, entry, mpp0, wsi_cfg["tissue"])
 
 
 def _extract(

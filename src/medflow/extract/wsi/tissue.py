@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openslide
 from PIL import Image
 from scipy import ndimage
 
 from ...core.errors import InputError
+from ...core.manifest import ImageEntry
 
 _READ_TILE = 2048  # level pixels per tile read when building the low-resolution image
 Image.MAX_IMAGE_PIXELS = None  # user masks of big slides are legitimately large
@@ -183,3 +185,24 @@ def user_mask(path: str | Path, width: int, height: int, tolerance: float = 0.02
     if abs(cell_x / cell_y - 1) > tolerance:
         raise InputError(path, f"mask {cols}×{rows} does not have the aspect ratio of the {width}×{height} slide")
     return TissueMask(mask=arr > 0, cell=(cell_x + cell_y) / 2, threshold=float("nan"), level=-1)
+
+
+def slide_tissue(slide: Any, entry: ImageEntry, level0_mpp: float, tissue_cfg: dict) -> TissueMask:
+    """The slide's tissue mask as extraction and whole-slide prediction both use it: the manifest's
+    user mask if given, else Otsu (``wsi.tissue``); InputError naming the file when it finds none."""
+    if entry.mask:
+        tm = user_mask(entry.mask, *slide.dimensions)
+    elif tissue_cfg["method"] == "mask":
+        raise InputError(entry.image, "wsi.tissue.method is 'mask' but the manifest row has no mask")
+    else:
+        try:
+            tm = otsu_mask(slide, level0_mpp, tissue_cfg)
+        except openslide.OpenSlideError as exc:
+            raise InputError(entry.image, f"decode error while building the tissue mask ({exc})") from None
+    if not tm.mask.any():
+        raise InputError(
+            entry.mask or entry.image,
+            f"no tissue found (threshold {tm.threshold:.1f} on {tissue_cfg['channel']}; "
+            "adjust wsi.tissue or supply a mask)",
+        )
+    return tm
