@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from ..core import fsio, provenance
+from ..core import progress as progress_mod
 from ..core.errors import InputError
 from ..core.metrics import classification_metrics
 from ..core.records import JobRecord
 from . import dist as dist_mod
-from . import models
+from . import models, tracking
 from .checkpoint import Progress, checkpoint_identity, curves_csv, load_checkpoint, save_checkpoint, set_rng_state
 from .evaluate import accuracy, nll, predict_set
 from .inputs import FoldJob, load_fold_job, record_sections
@@ -117,7 +118,10 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             record["resumed_from_epoch"] = progress.epochs_done
         wrapped = d.wrap_model(model)
         d.broadcast_state(model, optimizer)
-        trainer = Trainer(wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler)
+        tracker = tracking.start(job, d, progress, loader)
+        trainer = Trainer(
+            wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler, on_step=tracker.step
+        )
     with record.timed("prepare_test"):
         val_set = (
             PatchSet(job.index, job.patients["val"], tc["max_patches"], job.derive("val-set"))
@@ -137,10 +141,11 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
             recalibrate_batchnorm(model, loader, d, int(tc["bn_recalibration"]), amp=trainer.amp)
             train_s = time.perf_counter() - t0
             d.sync_buffers(model)  # batch counters and any other buffer: rank 0's everywhere
-            val_loss = val_acc = None
+            val_loss = val_acc = val_pred = None
             if val_set is not None:
                 y_true, y_prob, load_s = predict_set(model, val_set, d, eval_batch, amp=trainer.amp)
                 val_loss, val_acc, val_load_s = nll(y_true, y_prob), accuracy(y_true, y_prob), val_load_s + load_s
+                val_pred = (y_true, y_prob)
             # Every rank holds the same gathered val loss; rank 0's decision is broadcast anyway.
             is_best = progress.observe(epoch, val_loss, int(tc["early_stopping"]))
             progress.stopped = bool(d.broadcast_object(progress.stopped))
@@ -162,6 +167,7 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
                 }
             )
             save_checkpoint(job, d, model, optimizer, scaler, progress, best_state, identity)
+            tracker.epoch_end(progress, train_s, val_pred)
             if d.is_root:
                 print(
                     f"[{job.study} o{job.outer} i{job.inner}] epoch {epoch}: loss {stats['loss']:.4f} "
@@ -187,6 +193,7 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord) -> JobRecord:
         # deleted the declared outputs before the rerun).
         fsio.write_text(job.out_dir / "curves.csv", curves_csv(progress.curves))
         models.save_model(job.out_dir / "model.pt", model, model_meta(job, train_set, progress))
+    tracker.finish(record, job.out_dir / "model.pt")
     return record
 
 
@@ -249,6 +256,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="inner fold; omit to train on the whole outer training set (no validation)",
     )
     p.add_argument("--out-dir", required=True)
+    progress_mod.add_quiet_argument(p)
 
 
 @contextlib.contextmanager
@@ -263,6 +271,7 @@ def _dist_context(backend: str, threads: int) -> Iterator[dist_mod.Dist]:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     job = load_fold_job(args.config, args.study, args.index, args.folds, args.outer, args.inner, args.out_dir)
+    progress_mod.apply_quiet(job.cfg, args.quiet)
     launch = job.cfg["launch"]
     with _dist_context(launch["backend"], launch["threads_per_rank"]) as d:
         if d.is_root:

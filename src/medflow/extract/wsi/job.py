@@ -20,6 +20,7 @@ from typing import Any
 import openslide
 
 from ...core import config as config_mod
+from ...core import progress as progress_mod
 from ...core.errors import InputError
 from ...core.manifest import ImageEntry
 from ...core.manifest import entry as manifest_entry
@@ -56,7 +57,7 @@ def extract_slide(
     target = job_mod.Target("wsi", cohort, entry, Path(out), Path(record_path))
 
     def extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict) -> None:
-        _extract(target, cfg, rec, inputs, cache_bytes)
+        _extract(target, cfg, rec, inputs, cache_bytes, verbose)
 
     return job_mod.run(
         target,
@@ -88,7 +89,9 @@ def _tissue_mask(slide: Any, entry: ImageEntry, mpp0: float, wsi_cfg: dict) -> t
     return tm
 
 
-def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, cache_bytes: int | None) -> None:
+def _extract(
+    target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, cache_bytes: int | None, verbose: bool = True
+) -> None:
     entry, wsi_cfg = target.entry, cfg["wsi"]
     n_classes = len(wsi_cfg["labels"]["classes"])
     with rec.timed("open"):
@@ -114,7 +117,7 @@ def _extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict, ca
     if cand.total == 0:
         raise InputError(entry.image, "no patch meets the tissue/label thresholds (wsi.labels, wsi.tissue)")
     attrs = {**job_mod.base_attrs(target, cfg, inputs, rec["config_hash"]), **_geometry_attrs(plan, mpp_source, tm)}
-    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes)
+    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes, verbose)
     slide.close()
     rec["wsi"] = {**_wsi_summary(plan, mpp_source, tm, cand), "unsampled_groups": ann.other_groups}
     print(
@@ -147,10 +150,13 @@ def _read_and_write(
     attrs: dict,
     rec: JobRecord,
     cache_bytes: int | None,
+    verbose: bool = True,
 ) -> None:
     """Read the candidates into the shard (atomically), recording read/write timings and rejects."""
     # The pool is forked before the writer thread and the HDF5 file exist.
     source = PatchSource(target.entry.image, slide, plan, cfg["wsi"]["workers"], cache_bytes)
+    wanted = sum(min(cand.quota[c], len(cand.coords[c])) for c in cand.coords)
+    report = progress_mod.reporter(cfg, f"extract-wsi {target.entry.image_id}", wanted, "patches", enabled=verbose)
     try:
         t0 = time.perf_counter()
         with ShardWriter(
@@ -163,7 +169,7 @@ def _read_and_write(
         ) as writer:
             sink = BackgroundWriter(writer)
             try:
-                kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink)
+                kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink, report.advance)
             finally:
                 t_read = time.perf_counter() - t0
                 sink.close()
@@ -176,6 +182,7 @@ def _read_and_write(
         close_s = time.perf_counter() - t_close
     finally:
         source.close()
+        report.close()
     rec["timings_s"]["read"] = t_read
     # write = time the writer thread spent appending (overlapped with reading) + flush/fsync/rename.
     rec["timings_s"]["write"] = sink.seconds + close_s
@@ -208,10 +215,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="shard to write (<image_id>.h5)")
     p.add_argument("--record", required=True, help="extraction record to write (<image_id>.record.json)")
     p.add_argument("--force", action="store_true", help="re-extract even if the shard is up to date")
+    progress_mod.add_quiet_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
+    cfg = progress_mod.apply_quiet(config_mod.load(args.config), args.quiet)
     entry = manifest_entry(cfg, args.cohort, args.image_id)
     extract_slide(entry, cfg, args.cohort, args.out, args.record, force=args.force)
     return 0

@@ -12,7 +12,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +137,15 @@ class BackgroundWriter:
 
 
 def read_into(
-    source: PatchSource, cand: Candidates, quality_cfg: dict, sink: BackgroundWriter
+    source: PatchSource,
+    cand: Candidates,
+    quality_cfg: dict,
+    sink: BackgroundWriter,
+    on_kept: Callable[[int], None] | None = None,
 ) -> tuple[dict[int, int], int]:
     """Fill each class's quota from its candidates, in rounds: read the next ones in slide order,
-    drop quality rejects, replace them from the spares. Returns (accepted per class, patches read)."""
+    drop quality rejects, replace them from the spares. Returns (accepted per class, patches read).
+    ``on_kept(n)`` is told the patches each batch adds (progress)."""
     taken = {c: 0 for c in cand.coords}  # candidates consumed per class
     kept = {c: 0 for c in cand.coords}
     while True:
@@ -164,3 +169,5 @@ def read_into(
             for c, n in zip(*np.unique(lab, return_counts=True)):
                 kept[int(c)] += int(n)
             sink.put(patches, chunk, lab)
+            if on_kept is not None:
+                on_kept(len(lab))
