@@ -1,6 +1,7 @@
 # One data-parallel training job per (study, outer, inner) fold: N ranks under mpiexec (local) or srun (SLURM).
 # checkpoint.pt is deliberately not an output: Snakemake deletes outputs before a rerun, and a requeued or
-# rerun job must find its checkpoint to resume.
+# rerun job must find its checkpoint to resume. Nor are the TensorBoard event files (tracking.tensorboard):
+# a resumed job trims and continues them (medflow.train.tensorboard_log).
 # One rank runs without a launcher (the SLURM plugin rejects MPI jobs of one task). srun no longer passes the
 # job's --cpus-per-task on to its steps, hence SRUN_CPUS_PER_TASK (mpiexec ignores it).
 _LAUNCH = config["launch"]
@@ -19,7 +20,13 @@ rule train:
     output:
         record=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/record.json",
         model=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/model.pt",
-        curves=f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/curves.csv",
+        curves=report(
+            f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/curves.csv",
+            caption="../report/curves.rst",
+            category="Learning curves",
+            subcategory="{study}",
+            labels={"study": "{study}", "outer": "{outer}", "inner": "{inner}"},
+        ),
     wildcard_constraints:
         study="|".join(STUDIES),
     params:
