@@ -12,7 +12,9 @@ shared node hits them alike:
 
 Per setting: seconds per epoch = the job's ``timings_s.train`` ÷ epochs (everything in the epoch loop:
 steps, BatchNorm recalibration, validation, checkpoint, tracking calls), best and median over rounds,
-and the ratio to ``off``. Also the cost of one `Tracker.step` call (the per-step hook) on its own.
+and the ratio to ``off``; and CPU seconds per epoch of the whole job (all threads of the process,
+the TensorBoard writer and MLflow threads included), which other processes on a shared node disturb
+far less than wall time. Also the cost of one `Tracker.step` call (the per-step hook) on its own.
 
     .venv/bin/python benchmarks/bench_tracking.py [--models conv2dnet resnet18] [--rounds 5] [--json out.json]
 """
@@ -90,15 +92,17 @@ def make_study(root: Path, model: str) -> dict:
     return {"index": index, "folds": str(root / model / "folds.json"), "configs": configs, "epochs": epochs}
 
 
-def run_job(study: dict, model: str, variant: str, out: Path) -> float:
-    """One training job in this process; seconds per epoch of its epoch loop."""
+def run_job(study: dict, model: str, variant: str, out: Path) -> tuple[float, float]:
+    """One training job in this process: (wall seconds per epoch of its epoch loop, CPU seconds per epoch)."""
     job = load_fold_job(str(study["configs"][variant]), model, study["index"], study["folds"], 0, 0, str(out))
     out.mkdir(parents=True)
     d = dist.init("ddp", 1)
     record = JobRecord("train", job.cfg, record_sections(model), study=model, outer=0, inner=0)
+    cpu0 = time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch lines
         train_fold(job, d, record)
-    return record["timings_s"]["train"] / record["epochs_run"]
+    cpu = time.process_time() - cpu0
+    return record["timings_s"]["train"] / record["epochs_run"], cpu / record["epochs_run"]
 
 
 def step_cost(study: dict, model: str, out: Path, calls: int = 20000) -> dict[str, float]:
@@ -137,30 +141,38 @@ def main() -> None:
         for model in args.models:
             study = make_study(root, model)
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(args.rounds + 1):  # round 0 warms up (imports, page cache, MLflow's first import)
                 for variant in VARIANTS:
-                    s = run_job(study, model, variant, root / model / "runs" / f"{variant}{r}")
+                    wall, cpu = run_job(study, model, variant, root / model / "runs" / f"{variant}{r}")
                     if r:
-                        times[variant].append(s)
-            base = statistics.median(times["off"])
+                        times[variant].append(wall)
+                        cpus[variant].append(cpu)
+            base, cpu_base = statistics.median(times["off"]), statistics.median(cpus["off"])
             rows = {
                 v: {
                     "s_per_epoch_best": min(t),
                     "s_per_epoch_median": statistics.median(t),
                     "ratio_median_vs_off": statistics.median(t) / base,
                     "ratio_best_vs_off": min(t) / min(times["off"]),
+                    "cpu_s_per_epoch_median": statistics.median(cpus[v]),
+                    "cpu_ratio_median_vs_off": statistics.median(cpus[v]) / cpu_base,
                     "all": t,
+                    "cpu_all": cpus[v],
                 }
                 for v, t in times.items()
             }
             costs = step_cost(study, model, root / model / "steps")
             results["models"][model] = {"epochs": study["epochs"], "variants": rows, "step_call_us": costs}
             print(f"\n{model}: seconds per epoch (train loop ÷ epochs), {args.rounds} interleaved rounds")
-            print(f"  {'variant':<12} {'best':>8} {'median':>8} {'median/off':>11} {'best/off':>9}")
+            print(
+                f"  {'variant':<12} {'best':>8} {'median':>8} {'median/off':>11} {'best/off':>9} {'CPU s':>8} {'CPU/off':>8}"
+            )
             for v, row in rows.items():
                 print(
                     f"  {v:<12} {row['s_per_epoch_best']:8.3f} {row['s_per_epoch_median']:8.3f} "
-                    f"{row['ratio_median_vs_off']:11.3f} {row['ratio_best_vs_off']:9.3f}"
+                    f"{row['ratio_median_vs_off']:11.3f} {row['ratio_best_vs_off']:9.3f} "
+                    f"{row['cpu_s_per_epoch_median']:8.3f} {row['cpu_ratio_median_vs_off']:8.3f}"
                 )
             print(
                 f"  Tracker.step: {costs['off']:.2f} µs/call (TensorBoard off), {costs['tensorboard']:.2f} µs/call (on)"
