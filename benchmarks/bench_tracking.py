@@ -121,10 +121,8 @@ def step_cost(study: dict, model: str, out: Path, calls: int = 20000) -> dict[st
         for _ in range(calls):
             tracker.step(16, 0.5, 8.0, 1e-3)
         costs[variant] = 1e6 * (time.perf_counter() - t0) / calls
-        if isinstance(tracker, tracking.RootTracker):
-            tracker.reporter.close()
-            if tracker.tb is not None:
-                tracker.tb.close()
+        if isinstance(tracker, tracking.Guarded) and tracker.inner is not None:
+            tracker.inner._abort()  # closes the event files
     return costs
 
 

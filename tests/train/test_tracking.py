@@ -304,3 +304,26 @@ def test_converge_repairs_parents_that_raced(tmp_path):
     assert client.get_run(other).data.tags["mlflow.parentRunId"] == canonical
     assert client.get_run(duplicate).info.lifecycle_stage == "deleted"
     assert [r.info.run_id for r in mlflow_runs.find_runs(client, exp, spec.outer_key)] == [canonical]
+
+
+def test_a_failing_tracker_warns_once_and_the_job_goes_on(capsys):
+    from medflow.train import tracking
+
+    class Broken:
+        aborted = 0
+
+        def step(self, *args):
+            raise RuntimeError("disk on fire")
+
+        def _abort(self):
+            Broken.aborted += 1
+
+    guarded = tracking.Guarded(Broken())
+    for _ in range(3):
+        guarded.step(16, 0.5, 8.0, 1e-3)  # never raises
+    record: dict = {}
+    guarded.finish(record, Path("model.pt"))
+    assert record["tracking"] == {"tensorboard": False, "mlflow": None}
+    err = capsys.readouterr().err
+    assert err.count("medflow train: warning: tracking failed (RuntimeError: disk on fire)") == 1
+    assert Broken.aborted == 1  # event files closed, MLflow run ended once

@@ -278,13 +278,59 @@ class RootTracker(Tracker):
         record["tracking"] = info
 
     def _abort(self) -> None:
-        """atexit: the job is dying before `finish`."""
+        """atexit: the job is dying before `finish` (or tracking itself failed)."""
+        atexit.unregister(self._abort)
         if self.tb is not None:
             self._guard("TensorBoard", self.tb.close)
         if self.mlflow is not None:
             self.mlflow.abort("FAILED")
 
 
+class Guarded(Tracker):
+    """Forwards to rank 0's tracker; an unexpected error prints one warning and ends tracking for the
+    rest of the job, which goes on (tracking never fails a job)."""
+
+    def __init__(self, inner: RootTracker):
+        self.inner: RootTracker | None = inner
+
+    def _failed(self, exc: Exception) -> None:
+        warn(f"tracking failed ({type(exc).__name__}: {exc}); the job goes on without it")
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            try:
+                inner._abort()
+            except Exception:  # already reported once
+                pass
+
+    def step(self, n: int, loss: float, correct: float, lr: float) -> None:
+        if self.inner is not None:
+            try:
+                self.inner.step(n, loss, correct, lr)
+            except Exception as exc:
+                self._failed(exc)
+
+    def epoch_end(self, progress: Progress, train_s: float, val_pred: tuple[np.ndarray, np.ndarray] | None) -> None:
+        if self.inner is not None:
+            try:
+                self.inner.epoch_end(progress, train_s, val_pred)
+            except Exception as exc:
+                self._failed(exc)
+
+    def finish(self, record: JobRecord, model_path: Path) -> None:
+        record["tracking"] = {"tensorboard": False, "mlflow": None}
+        if self.inner is not None:
+            try:
+                self.inner.finish(record, model_path)
+            except Exception as exc:
+                self._failed(exc)
+
+
 def start(job: FoldJob, d: Dist, progress: Progress, loader: EpochLoader) -> Tracker:
-    """Rank 0's tracker; a do-nothing one elsewhere."""
-    return RootTracker(job, d, progress, loader) if d.is_root else Tracker()
+    """Rank 0's tracker; a do-nothing one elsewhere (and where tracking cannot start)."""
+    if not d.is_root:
+        return Tracker()
+    try:
+        return Guarded(RootTracker(job, d, progress, loader))
+    except Exception as exc:
+        warn(f"tracking could not start ({type(exc).__name__}: {exc}); the job goes on without it")
+        return Tracker()
