@@ -145,3 +145,16 @@ def test_training_scaling_and_allreduce(measured, tmp_path):
     )
     assert m["allreduce.algbw_gb_per_s"] > 0 and result["details"]["allreduce"]["ranks"] == 2
     assert result["details"]["allreduce"]["bytes"] == int(2.0e6 / 4) * 4
+
+
+def test_progress_over_measurement_groups(tmp_path, capsys):
+    from conftest import ROOT
+    from medflow.bench.run import run_bench
+    from medflow.core import config as config_mod
+
+    cfg = config_mod.load(ROOT / "config.yaml")
+    cfg["progress"] = {"mode": "lines", "interval_s": 0}
+    result = run_bench(cfg, ROOT / "config.yaml", ["hsi"], quick=True, progress=lambda message: None)
+    assert result["metrics"]["hsi.images_per_s"] > 0
+    err = capsys.readouterr().err
+    assert "bench: 1/1 groups (100%)" in err and "[measuring hsi]" in err and "bench: done 1/1 groups" in err

@@ -341,3 +341,15 @@ def test_model_trained_on_one_patient_maps_another(default_cfg: dict, tmp_path: 
     )
     record = json.loads((tmp_path / "maps" / "record.json").read_text())
     assert record["images"][0]["accuracy"] > 0.7  # chance is 0.2
+
+
+def test_progress_in_images_and_quiet(tiny_predict: tuple[dict, Path, Path], tmp_path: Path, capsys) -> None:
+    cfg, _, model = tiny_predict
+    cfg["progress"] = {"mode": "lines", "interval_s": 0}
+    cfg_path = write_config(cfg, tmp_path / "lines.yaml")
+    assert predict(cfg_path, model, tmp_path / "a", ["img0", "img1"]) == 0
+    err = capsys.readouterr().err
+    assert "predict-hsi tiny: 1/2 images (50%)" in err and "predict-hsi tiny: done 2/2 images" in err
+    argv = ["predict-hsi", "--config", str(cfg_path), "--study", "tiny", "--model", str(model), "--cohort", "tiny"]
+    assert cli.main([*argv, "--image-ids", "img0", "--out-dir", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

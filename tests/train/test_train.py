@@ -297,13 +297,14 @@ def test_killed_job_resumes_to_identical_weights(cohort, single_run, tmp_path):
 def test_rerun_of_finished_job_replaces_outputs_only_on_success(cohort, single_run, tmp_path):
     out = tmp_path / "job"
     shutil.copytree(single_run, out)  # the good outputs of an earlier run
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"}
+    outputs = ("model.pt", "curves.csv", "record.json")  # checkpoint and TensorBoard events go on with the rerun
+    before = {name: (out / name).read_bytes() for name in outputs}
     (out / "checkpoint.pt").unlink()  # so the rerun trains (and is killed) for real
     bad = _run_cli(["train", *_args(cohort, out)[1:-2], "--inner", "7"])
     assert bad.returncode == 2 and "inner fold 7" in bad.stderr
     killed = _run_cli(_args(cohort, out), env=fault_env(MEDFLOW_TEST_KILL_AFTER_EPOCH="0"))
     assert killed.returncode == -9 and (out / "checkpoint.pt").exists()
-    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"}
+    after = {name: (out / name).read_bytes() for name in outputs}
     assert after == before  # a failed or killed rerun leaves them byte-identical
     assert not list(out.glob(".*.tmp-*"))
 

@@ -7,6 +7,7 @@ runs under `timeout`: without working status queries the SLURM plugin waits fore
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -531,3 +532,51 @@ def test_demo_dag_through_slurm(cluster, tmp_path):
     record = json.loads((run_dir / "record.json").read_text())
     assert record["status"] == "ok" and record["launch"]["launcher"] == "srun"
     assert record["launch"]["slurm_job_id"] not in (None, cancelled_id)
+
+    # A training job's log under SLURM shows a progress line at the configured interval (progress.interval_s):
+    # one 2-rank job (srun inside sbatch, as the DAG's train jobs), long enough for several intervals.
+    _assert_progress_lines_in_slurm_log(cluster, cfg, res, tmp_path)
+
+
+PROGRESS_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train hsi_demo/outer0/inner0: (\d+)/(\d+) steps \(\d+%\), "
+    r"[\d.]+ steps/s, elapsed ([\d.:]+)s?, ETA [\d.:]+s? \[epoch \d+/\d+"
+)
+
+
+def _seconds(text: str) -> float:
+    """'12.3' (seconds) or 'h:mm:ss', as medflow.core.progress.duration writes them."""
+    if ":" not in text:
+        return float(text)
+    h, m, s = (int(part) for part in text.split(":"))
+    return 3600.0 * h + 60.0 * m + s
+
+
+def _assert_progress_lines_in_slurm_log(cluster: Cluster, cfg: dict, res: Path, tmp_path: Path) -> None:
+    interval = 1.0
+    job_cfg = copy.deepcopy(cfg)
+    job_cfg["progress"] = {"mode": "auto", "interval_s": interval}  # auto: a log is no terminal → lines
+    job_cfg["studies"]["hsi_demo"]["train"]["epochs"] = 40
+    config = tmp_path / "progress.yaml"
+    config.write_text(yaml.safe_dump(job_cfg, sort_keys=False))
+    log, out_dir = tmp_path / "progress-train.log", tmp_path / "progress-run"
+    train = (
+        f"srun --mpi=pmix -n 2 medflow train --config {config} --study hsi_demo --index {res}/index/hsi_demo.json"
+        f" --folds {res}/folds/hsi_demo.json --outer 0 --inner 0 --out-dir {out_dir}"
+    )
+    submit = [f"{cluster.dir}/bin/sbatch", "--wait", "-n", "2", "-c", "1", "-t", "10", "--mem-per-cpu", "2000"]
+    proc = subprocess.run(
+        [*submit, f"--output={log}", f"--wrap={train}"], env=cluster.env(), capture_output=True, text=True, timeout=400
+    )
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stderr + text[-3000:]
+    record = json.loads((out_dir / "record.json").read_text())
+    assert record["launch"]["launcher"] == "srun" and record["launch"]["slurm_job_id"] in cluster.known_job_ids()
+    matches = [PROGRESS_LINE.match(line) for line in text.splitlines()]
+    lines = [m for m in matches if m]
+    assert len(lines) >= 3, text[-3000:]  # several intervals, rank 0 only (two ranks would double them)
+    elapsed = [_seconds(m[3]) for m in lines]
+    assert all(b - a >= interval - 0.05 for a, b in zip(elapsed, elapsed[1:])), elapsed
+    done = [int(m[1]) for m in lines]
+    assert done == sorted(done) and all(int(m[2]) == int(lines[0][2]) for m in lines)
+    assert re.search(r"train hsi_demo/outer0/inner0: done \d+/\d+ steps", text), text[-2000:]

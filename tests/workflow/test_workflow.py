@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from conftest import ROOT, VENV_BIN
 
@@ -144,6 +145,42 @@ def test_stages_add_up_to_the_wall_time_and_every_slide_has_a_qc_image(demo_run)
         == len(slides)
         == len(list((res / "report" / "figures" / "qc").glob("*.png")))
     )
+
+
+def test_tensorboard_has_scalar_series_for_every_fold_job(demo_run):
+    """`tensorboard --logdir results/<site>/runs`: one run per training job, named <study>/outer<i>/inner<j>."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    _, res = demo_run
+    cfg = yaml.safe_load(E2E_CONFIG.read_text())
+    mux = EventMultiplexer(size_guidance={"scalars": 0})
+    mux.AddRunsFromDirectory(str(res / "runs"))
+    mux.Reload()
+    jobs = sorted(str(p.parent.relative_to(res / "runs")) for p in (res / "runs").glob("*/outer*/inner*/record.json"))
+    assert len(jobs) == 8 and sorted(mux.Runs()) == jobs  # every fold job, nothing else
+    for run in jobs:
+        study = run.split("/")[0]
+        epochs = read_json(res / "runs" / run / "record.json")["epochs_run"]
+        assert epochs == cfg["studies"][study]["train"]["epochs"]
+        scalars = mux.Runs()[run]["scalars"]
+        for tag in ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/auc", "perf/img_per_s"):
+            assert [e.step for e in mux.Scalars(run, tag)] == list(range(epochs)), (run, tag)
+        assert {"batch/loss", "batch/lr", "batch/img_per_s", "perf/load_ms_per_patch", "model/val_oacc"} <= set(scalars)
+        with open(res / "runs" / run / "curves.csv") as fh:
+            losses = [float(r["train_loss"]) for r in csv.DictReader(fh)]
+        assert [e.value for e in mux.Scalars(run, "train/loss")] == pytest.approx(losses)
+        assert read_json(res / "runs" / run / "record.json")["tracking"]["tensorboard"] is True
+
+
+def test_snakemake_report_shows_learning_curves(demo_run, tmp_path):
+    work, res = demo_run
+    out = tmp_path / "snakemake-report.html"
+    proc = snakemake(work, "--report", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    html = out.read_text()
+    assert "Learning curves" in html and "curves_wsi_demo.png" in html and "curves_hsi_demo.png" in html
+    assert html.count("curves.csv") >= 8 and "Confusion matrices" in html and "Classification maps" in html
+    assert "report.html" in html  # the medflow report itself is still there
 
 
 def test_rerun_after_success_does_nothing(demo_run):

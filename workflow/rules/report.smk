@@ -1,5 +1,29 @@
 # Gather every job record of this site, then the report (this site + any extra sites in report.sites).
 
+# `snakemake --report`: each figure of the report directory gets a category by its name prefix (and the
+# study as subcategory), so the learning curves sit next to the train rule's curves.csv tables. A stage
+# that adds figures adds its prefix here and a branch in workflow/report/figures.rst.
+FIGURE_CATEGORIES = {
+    "curves_": "Learning curves",
+    "confusion_": "Confusion matrices",
+    "map_": "Classification maps",
+    "heatmap_": "Heatmaps",
+    "gradcam_": "Grad-CAM",
+    "qc/": "Slide QC",
+}
+
+
+def figure_category(wc) -> str:
+    return next((name for prefix, name in FIGURE_CATEGORIES.items() if wc.figure.startswith(prefix)), "Figures")
+
+
+def figure_subcategory(wc):
+    """The study of a learning-curve or confusion figure (`<prefix><study>.png`), else none."""
+    for prefix in ("curves_", "confusion_"):
+        if wc.figure.startswith(prefix):
+            return wc.figure[len(prefix) :]
+    return None
+
 
 def all_run_records(wc=None) -> list[str]:
     files = []
@@ -63,8 +87,9 @@ rule report:
         json=f"{RES}/report/report.json",
         **{name: report(f"{RES}/report/{name}.csv", caption=f"../report/{name}.rst", category="Tables")
            for name in ("preprocessing", "training", "nested_cv", "stages", "energy")},
-        figures=report(directory(f"{RES}/report/figures"), patterns=["{name}.png"],
-                       caption="../report/figures.rst", category="Figures"),
+        figures=report(directory(f"{RES}/report/figures"), patterns=["{figure}.png"],
+                       caption="../report/figures.rst", category=figure_category,
+                       subcategory=figure_subcategory, labels={"figure": "{figure}"}),
     params:
         out_dir=f"{RES}/report",
         sites=" ".join(config["report"]["sites"]),

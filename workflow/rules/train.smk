@@ -3,6 +3,8 @@
 # the previous ones), and the job replaces them atomically only when it succeeds — a failing rerun never
 # destroys good results (the same for every job that writes a record). checkpoint.pt is not an output: a
 # requeued or rerun job resumes from it when its identity (config, fold, patients, shard digests) matches.
+# Nor are the TensorBoard event files (tracking.tensorboard): a resumed job trims and continues them
+# (medflow.train.tensorboard_log).
 # One rank runs without a launcher (the SLURM plugin rejects MPI jobs of one task). srun no longer passes the
 # job's --cpus-per-task on to its steps, hence SRUN_CPUS_PER_TASK (mpiexec ignores it).
 _LAUNCH = config["launch"]
@@ -22,7 +24,13 @@ rule train:
     output:
         record=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/record.json"),
         model=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/model.pt"),
-        curves=update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/curves.csv"),
+        curves=report(
+            update(f"{RES}/runs/{{study}}/outer{{outer}}/inner{{inner}}/curves.csv"),
+            caption="../report/curves.rst",
+            category="Learning curves",
+            subcategory="{study}",
+            labels={"study": "{study}", "outer": "{outer}", "inner": "{inner}"},
+        ),
     wildcard_constraints:
         study="|".join(STUDIES),
     params:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..core import config as config_mod
 from ..core import fsio, provenance
+from ..core import progress as progress_mod
 from ..core.errors import InputError
 from ..core.records import now_iso
 from .check import CHECK_FAILED, check, report_check, site_references, unit_of
@@ -54,9 +55,11 @@ def run_bench(
         "skipped": {},
         "timings_s": {},
     }
-    with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
+    report = progress_mod.reporter(cfg, "bench", len(groups), "groups")
+    with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp, report:
         scratch = Path(tmp)
         for group in groups:
+            report.note(f"measuring {group}")
             g0 = time.perf_counter()
             try:
                 out = _MEASURE[group](cfg, seconds, scratch, quick, cfg_path)
@@ -66,6 +69,7 @@ def run_bench(
                 continue
             finally:
                 result["timings_s"][group] = time.perf_counter() - g0
+                report.advance(1)
             result["metrics"].update(out["metrics"])
             result["details"][group] = out["details"]
             if out.get("skipped"):
@@ -101,6 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="≤ 1 s per measurement and small inputs (smoke test)")
     p.add_argument("--only", help=f"comma-separated measurement groups ({','.join(GROUPS)}); default bench.measure")
     p.add_argument("--from-results", metavar="JSON", help="check an existing results file instead of measuring")
+    progress_mod.add_quiet_argument(p)
     p.add_argument("--worker", choices=["train", "allreduce"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
@@ -123,7 +128,7 @@ def _out_path(out: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
+    cfg = progress_mod.apply_quiet(config_mod.load(args.config), args.quiet)
     if args.worker == "train":
         worker_train(cfg, args.model, float(args.seconds or cfg["bench"]["seconds"]), Path(args.out), args.ranks)
         return 0

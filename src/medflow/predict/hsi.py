@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 
 from ..core import config as config_mod
 from ..core import fsio, provenance
+from ..core import progress as progress_mod
 from ..core.errors import InputError
 from ..core.manifest import entries as manifest_entries
 from ..core.manifest import entry as manifest_entry
@@ -62,12 +64,19 @@ def class_palette(class_names: list[str]) -> np.ndarray:
 
 # ---- windows and prediction ---------------------------------------------------------------------------
 def predict_cube(
-    model: Any, cube: np.ndarray, k: int, border: str, batch: int, device: str = "cpu"
+    model: Any,
+    cube: np.ndarray,
+    k: int,
+    border: str,
+    batch: int,
+    device: str = "cpu",
+    on_done: Callable[[float], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """(labels int16 (H,W) with −1 where no window, probabilities float16 (H,W,C), timings patches/predict).
 
     Batches are whole rows of windows (⌈batch / row width⌉ rows ≥ 1): a basic slice of the window view,
-    copied once into a contiguous NHWC block in the cube's dtype (float16 shards → half the bytes)."""
+    copied once into a contiguous NHWC block in the cube's dtype (float16 shards → half the bytes).
+    ``on_done(fraction)`` is told the fraction of the cube each batch completes (progress)."""
     windows, offset = pixel_windows(cube, k, pad=border == "reflect")
     offset = -offset  # window (0, 0) is centred on pixel (offset, offset)
     rows_v, cols_v = windows.shape[:2]
@@ -90,6 +99,8 @@ def predict_cube(
             labels[rows, cols] = p.argmax(axis=-1)
             timings["patches"] += t1 - t0
             timings["predict"] += time.perf_counter() - t1
+            if on_done is not None:
+                on_done((r1 - r0) / rows_v)
     assert probs is not None, "cube smaller than one window"
     return labels, probs, timings
 
@@ -170,6 +181,7 @@ def predict_image(
     out_dir: Path,
     positive_class: str | None,
     device: str,
+    on_done: Callable[[float], None] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Chain + map + outputs for one image: (its entry for the record, GT labels and probabilities of
     the labelled classified pixels, empty without ground truth)."""
@@ -186,7 +198,7 @@ def predict_image(
         "load": result.timings.get("load", 0.0),
         "chain": sum(result.timings.get(s, 0.0) for s in hsi_chain.STEPS),
     }
-    labels, probs, t = predict_cube(model, cube, k, hcfg["border"], hcfg["predict_batch"], device)
+    labels, probs, t = predict_cube(model, cube, k, hcfg["border"], hcfg["predict_batch"], device, on_done)
     timings.update(t)
     t0 = time.perf_counter()
     write_npz(out_dir / f"{item.image_id}.npz", labels, probs, names)
@@ -233,6 +245,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--folds", help="fold plan: map the images of the outer fold's test patients (with --outer)")
     p.add_argument("--outer", type=int, help="outer fold index (recorded; selects test images with --folds)")
     p.add_argument("--out-dir", required=True, help="maps directory: <id>.npz, <id>.png, record.json")
+    progress_mod.add_quiet_argument(p)
 
 
 def images_to_map(cfg: dict, args: argparse.Namespace) -> list[Any]:
@@ -253,7 +266,7 @@ def images_to_map(cfg: dict, args: argparse.Namespace) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    cfg = config_mod.load(args.config)
+    cfg = progress_mod.apply_quiet(config_mod.load(args.config), args.quiet)
     config_mod.study(cfg, args.study, args.config)
     items = images_to_map(cfg, args)
     out_dir = Path(args.out_dir)
@@ -284,8 +297,12 @@ def run(args: argparse.Namespace) -> int:
     positive = cfg["studies"][args.study].get("positive_class")
     names = list(cfg["hsi"]["class_names"])
     pooled_true, pooled_prob = [], []
+    label = f"predict-hsi {args.study}" + ("" if args.outer is None else f" outer{args.outer}")
+    report = progress_mod.reporter(cfg, label, len(items), "images")
     for item in items:
-        info, y_true, y_prob = predict_image(model, meta, args.model, item, cfg, out_dir, positive, device)
+        info, y_true, y_prob = predict_image(
+            model, meta, args.model, item, cfg, out_dir, positive, device, report.advance
+        )
         record["images"].append(info)
         pooled_true.append(y_true)
         pooled_prob.append(y_prob)
@@ -297,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
             + (f", accuracy {metrics['oacc']:.3f} on {metrics['n']} labelled px" if metrics else "")
             + f" → {out_dir / info['map']}"
         )
+    report.close()
     record["metrics"] = {"images": {}}
     for info in record["images"]:  # full metrics once, under metrics; the image entry keeps accuracy
         metrics = info.pop("metrics")

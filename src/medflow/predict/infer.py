@@ -13,7 +13,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,10 @@ def infer_tiles(
     batch_size: int,
     device: torch.device,
     n_classes: int,
+    on_done: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(probabilities (n, C) float32 with NaN rows for quality rejects, quality ok (n,), timings)."""
+    """(probabilities (n, C) float32 with NaN rows for quality rejects, quality ok (n,), timings).
+    ``on_done(n)`` is told the tiles each batch read completes (progress)."""
     probs = np.full((len(coords), n_classes), np.nan, dtype=np.float32)
     ok_all = np.zeros(len(coords), dtype=bool)
     stats = {"read": 0.0, "wait": 0.0, "predict": 0.0}
@@ -140,5 +142,7 @@ def infer_tiles(
             pending_rows.append(rows[ok])
         if sum(len(p) for p in pending) >= batch_size:
             flush()
+        if on_done is not None:
+            on_done(len(patches))
     flush()
     return probs, ok_all, stats

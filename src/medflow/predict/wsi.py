@@ -31,6 +31,7 @@ import torch
 
 from ..core import config as config_mod
 from ..core import fsio
+from ..core import progress as progress_mod
 from ..core.errors import InputError
 from ..core.manifest import ImageEntry
 from ..core.manifest import entries as manifest_entries
@@ -137,21 +138,27 @@ class SlideJob:
             grid, _ = self.tiles(slide, entry, plan, rec)
             mine = rank_slice(len(grid.coords), d.rank, d.size)
             source = PatchSource(entry.image, slide, plan, self.pcfg["workers"])
+            coords = grid.coords[mine]
+            report = progress_mod.reporter(
+                self.cfg, f"predict-wsi {entry.image_id}", len(coords), "tiles", enabled=d.is_root
+            )
             try:
                 t0 = time.perf_counter()
                 probs, ok, stats = infer_tiles(
                     self.model,
                     self.normaliser,
                     source,
-                    grid.coords[mine],
+                    coords,
                     self.cfg["wsi"]["quality"],
                     self.pcfg["batch_size"],
                     d.device,
                     len(self.class_names),
+                    report.advance,
                 )
                 stats["infer"] = time.perf_counter() - t0
             finally:
                 source.close()
+                report.close()
             part = (probs, ok, stats)
         except InputError as exc:
             problem = (str(exc.path) if exc.path else entry.image, exc.problem)
@@ -337,6 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outer", type=int, help="outer fold (recorded; selects test slides with --folds)")
     p.add_argument("--positive-class", help="class of the heatmap, regions, detections and slide score")
     p.add_argument("--out-dir", required=True, help="directory for <id>.{npz,png,geojson,csv,record.json}")
+    progress_mod.add_quiet_argument(p)
 
 
 def slides_to_predict(cfg: dict, args: argparse.Namespace) -> list[ImageEntry]:
@@ -376,7 +384,7 @@ def make_dist(cfg: dict) -> dist_mod.Dist:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
+    cfg = progress_mod.apply_quiet(config_mod.load(args.config), args.quiet)
     if args.cohort not in cfg["cohorts"] or cfg["cohorts"][args.cohort]["kind"] != "wsi":
         raise InputError(args.config, f"cohorts.{args.cohort} is not a WSI cohort")
     study_cfg = config_mod.study(cfg, args.study, args.config) if args.study else None

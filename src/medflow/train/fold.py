@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from ..core import fsio, provenance
+from ..core import progress as progress_mod
 from ..core.errors import InputError
 from ..core.metrics import classification_metrics
 from ..core.records import JobRecord
 from . import dist as dist_mod
-from . import models
+from . import models, tracking
 from .checkpoint import Progress, checkpoint_identity, curves_csv, load_checkpoint, save_checkpoint, set_rng_state
 from .evaluate import accuracy, nll, predict_set
 from .inputs import FoldJob, load_fold_job, record_sections
@@ -128,7 +129,10 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: Trainin
             record["resumed_from_epoch"] = record["checkpoint"]["resumed_from_epoch"] = progress.epochs_done
         wrapped = d.wrap_model(model)
         d.broadcast_state(model, optimizer)
-        trainer = Trainer(wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler)
+        tracker = tracking.start(job, d, progress, loader, identity)
+        trainer = Trainer(
+            wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler, on_step=tracker.step
+        )
     with record.timed("prepare_test"):
         val_set = (
             PatchSet(job.index, job.patients["val"], tc["max_patches"], job.derive("val-set"))
@@ -148,12 +152,13 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: Trainin
             recalibrate_batchnorm(model, loader, d, int(tc["bn_recalibration"]), amp=trainer.amp)
             train_s = time.perf_counter() - t0
             d.sync_buffers(model)  # batch counters and any other buffer: rank 0's everywhere
-            val_loss = val_acc = None
+            val_loss = val_acc = val_pred = None
             if val_set is not None:
                 y_true, y_prob, load_s = predict_set(
                     model, val_set, d, eval_batch, amp=trainer.amp, transform=stain.transform
                 )
                 val_loss, val_acc, val_load_s = nll(y_true, y_prob), accuracy(y_true, y_prob), val_load_s + load_s
+                val_pred = (y_true, y_prob)
             # Every rank holds the same gathered val loss; rank 0's decision is broadcast anyway.
             is_best = progress.observe(epoch, val_loss, int(tc["early_stopping"]))
             progress.stopped = bool(d.broadcast_object(progress.stopped))
@@ -175,6 +180,7 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: Trainin
                 }
             )
             save_checkpoint(job, d, model, optimizer, scaler, progress, best_state, identity)
+            tracker.epoch_end(progress, train_s, val_pred)
             if d.is_root:
                 print(
                     f"[{job.study} o{job.outer} i{job.inner}] epoch {epoch}: loss {stats['loss']:.4f} "
@@ -200,6 +206,7 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: Trainin
         if stain.record is not None:  # prediction applies the same normaliser (medflow.train.stain_setup)
             meta["stain"] = stain.record
         write_outputs(job, record, model, meta, progress)
+    tracker.finish(record, job.out_dir / "model.pt")
     return record
 
 
@@ -281,6 +288,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stain", default=None, help="the cohort's stain reference (medflow fit-stain) when wsi.stain is on"
     )
+    progress_mod.add_quiet_argument(p)
 
 
 @contextlib.contextmanager
@@ -319,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
         refit = refit_epochs(args.selection, args.study, args.outer)
     extra = {"selection": args.selection} if args.selection else None
     job = load_fold_job(args.config, args.study, args.index, args.folds, args.outer, args.inner, args.out_dir, extra)
+    progress_mod.apply_quiet(job.cfg, args.quiet)
     if refit is not None:
         # The selected configuration, for as many epochs as produced the selected model; no validation set.
         job.study_cfg = {**job.study_cfg, "train": {**job.train_cfg, "epochs": refit[1], "early_stopping": 0}}

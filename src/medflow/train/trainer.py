@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ class Trainer:
     peak_lr: float
     base_lr: float
     scaler: Any = None  # torch.amp.GradScaler on CUDA with AMP
+    # Called after every step with (patches, mean loss, correct, lr) of this rank's batch (tracking, progress).
+    on_step: Callable[[int, float, float, float], None] | None = None
 
     @property
     def amp(self) -> bool:
@@ -71,9 +74,10 @@ class Trainer:
                 loss = models.loss_of(out, y, self.criterion)
             self.step(loss)
             logits = models.logits_of(out).detach()
-            totals += torch.tensor(
-                [float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum()), len(y)], dtype=torch.float64
-            )
+            loss_v, correct = float(loss.detach()), float((logits.argmax(1) == y).sum())
+            totals += torch.tensor([loss_v * len(y), correct, len(y)], dtype=torch.float64)
+            if self.on_step is not None:
+                self.on_step(len(y), loss_v, correct, lr)
         loss_n, correct, n = self.d.allreduce_sum(totals).tolist()
         return {"loss": loss_n / max(n, 1), "acc": correct / max(n, 1), "patches": int(n), "lr": lr}
 

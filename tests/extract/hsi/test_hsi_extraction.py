@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -433,3 +434,18 @@ def test_map_labels_sparse_huge_values() -> None:
     np.testing.assert_array_equal(out, [[-1, 1], [0, -1]])
     with pytest.raises(InputError, match="4000000000"):
         hsi_patches.map_labels(gt, {}, 5, "gt")
+
+
+def test_progress_lines_and_quiet(tiny: tuple[dict, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Not on a terminal, progress is a line per interval on stderr (here every block); --quiet: none."""
+    cfg, _ = tiny
+    cfg["progress"] = {"mode": "lines", "interval_s": 0}
+    cfg_path = write_config(cfg, tmp_path / "lines.yaml")
+    argv = ["extract-hsi", "--config", str(cfg_path), "--cohort", "tiny", "--image-id", "img0"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a.h5"), "--record", str(tmp_path / "a.json")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"extract-hsi img0: 50/50 patches \(100%\), [\d.]+ patches/s, elapsed", err), err
+    assert "extract-hsi img0: done 50/50 patches" in err
+    assert cli.main([*argv, "--out", str(tmp_path / "b.h5"), "--record", str(tmp_path / "b.json"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "50 patches" in captured.out  # the job's own summary line stays

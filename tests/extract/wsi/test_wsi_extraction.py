@@ -471,3 +471,18 @@ def test_unrecognised_annotation_groups_are_never_sampled_as_normal(synthetic, d
     assert rec["wsi"]["unsampled_groups"] == ["Necrosis"]
     got = {tuple(c): int(lab) for c, lab in zip(*(a.tolist() for a in _load(tmp_path / "out" / "o.h5")[1:3]))}
     assert (1792, 1344) not in got and got[(1568, 1344)] == 0
+
+
+def test_progress_lines_count_kept_patches_and_quiet(synthetic, default_cfg, tmp_path, capsys) -> None:
+    rows = [{"image_id": "s", "patient_id": "p", "image": synthetic["slide"]}]
+    cfg = _cohort_cfg(default_cfg, tmp_path, rows, sampling={"per_class": 5})
+    cfg["progress"] = {"mode": "lines", "interval_s": 0}
+    assert _cli(cfg, tmp_path, "s") == 0
+    err = capsys.readouterr().err
+    assert "extract-wsi s: done 5/5 patches (100%)" in err, err
+    cfg["wsi"]["sampling"]["per_class"] = 6  # a new shard, made with --quiet
+    cfg_path = write_config(cfg, tmp_path / "quiet.yaml")
+    out = tmp_path / "out"
+    argv = ["extract-wsi", "--config", str(cfg_path), "--cohort", "c", "--image-id", "s", "--quiet"]
+    assert cli.main([*argv, "--out", str(out / "s.h5"), "--record", str(out / "s.record.json")]) == 0
+    assert capsys.readouterr().err == "" and len(_load(out / "s.h5")[1]) == 6

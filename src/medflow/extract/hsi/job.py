@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ...core import config as config_mod
+from ...core import progress as progress_mod
 from ...core.errors import InputError
 from ...core.manifest import ImageEntry
 from ...core.manifest import entry as manifest_entry
@@ -63,14 +64,20 @@ def extract_image(
     `failed` record and no shard."""
     check_config(cfg["hsi"])  # a config error fails the job whatever on_error says
     target = job_mod.Target("hsi", cohort, entry, Path(out), Path(record_path))
-    return job_mod.run(target, cfg, lambda: input_files(entry, cfg), _extract, force=force, verbose=verbose)
+
+    def extract(target: job_mod.Target, cfg: dict, record: JobRecord, inputs: dict) -> None:
+        _extract(target, cfg, record, inputs, verbose)
+
+    return job_mod.run(target, cfg, lambda: input_files(entry, cfg), extract, force=force, verbose=verbose)
 
 
-def _extract(target: job_mod.Target, cfg: dict, record: JobRecord, inputs: dict) -> None:
+def _extract(target: job_mod.Target, cfg: dict, record: JobRecord, inputs: dict, verbose: bool = True) -> None:
     result = run_chain(target.entry, cfg)
     rows, cols = patch_centres(target.entry, cfg, result)
     attrs = {**job_mod.base_attrs(target, cfg, inputs, record["config_hash"]), **_geometry_attrs(cfg, result)}
-    result.timings.update(_write_shard(target.shard, result, rows, cols, cfg, attrs))
+    label = f"extract-hsi {target.entry.image_id}"
+    with progress_mod.reporter(cfg, label, len(rows), "patches", enabled=verbose) as report:
+        result.timings.update(_write_shard(target.shard, result, rows, cols, cfg, attrs, report))
     record.update(chain=result.chain, shape=list(result.cube.shape))
     record["timings_s"].update({key: float(result.timings.get(key, 0.0)) for key in TIMING_KEYS[1:-1]})
 
@@ -82,7 +89,13 @@ def _timer(timings: dict[str, float], key: str, t0: float) -> float:
 
 
 def _write_shard(
-    out: Path, result: ChainResult, rows: np.ndarray, cols: np.ndarray, cfg: dict, attrs: dict[str, Any]
+    out: Path,
+    result: ChainResult,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    cfg: dict,
+    attrs: dict[str, Any],
+    report: progress_mod.Reporter | None = None,
 ) -> dict[str, float]:
     """Gather patches block by block and stream them into the shard; returns patches/write timings."""
     hcfg, k = cfg["hsi"], cfg["hsi"]["patch"]
@@ -105,6 +118,8 @@ def _write_shard(
             t = _timer(timings, "patches", t)
             writer.append(patches, np.stack([r, c], axis=1), result.labels[r, c])
             t = _timer(timings, "write", t)
+            if report is not None:
+                report.advance(len(r))
         writer.attrs["timings_s"] = {**result.timings, **timings}
     _timer(timings, "write", t)
     return timings
@@ -148,10 +163,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="shard to write (<image_id>.h5)")
     p.add_argument("--record", required=True, help="extraction record to write (<image_id>.record.json)")
     p.add_argument("--force", action="store_true", help="re-extract even if the shard is up to date")
+    progress_mod.add_quiet_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
+    cfg = progress_mod.apply_quiet(config_mod.load(args.config), args.quiet)
     item = manifest_entry(cfg, args.cohort, args.image_id)
     extract_image(item, cfg, args.cohort, args.out, args.record, force=args.force)
     return 0

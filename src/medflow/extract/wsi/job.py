@@ -22,6 +22,7 @@ import numpy as np
 import openslide
 
 from ...core import config as config_mod
+from ...core import progress as progress_mod
 from ...core.errors import InputError
 from ...core.manifest import ImageEntry
 from ...core.manifest import entry as manifest_entry
@@ -67,7 +68,7 @@ def extract_slide(
         params["stain"] = normaliser.digest
 
     def extract(target: job_mod.Target, cfg: dict, rec: JobRecord, inputs: dict) -> None:
-        _extract(target, cfg, rec, inputs, cache_bytes, normaliser, stain)
+        _extract(target, cfg, rec, inputs, cache_bytes, normaliser, stain, verbose)
 
     record = job_mod.run(
         target,
@@ -95,6 +96,7 @@ def _extract(
     cache_bytes: int | None,
     normaliser: StainNormaliser | None = None,
     stain_path: str | Path | None = None,
+    verbose: bool = True,
 ) -> None:
     entry, wsi_cfg = target.entry, cfg["wsi"]
     cmap = classes.class_map(wsi_cfg["labels"])
@@ -132,7 +134,7 @@ def _extract(
     rejected: list[np.ndarray] = []
     if normaliser is not None:
         attrs["stain"] = normaliser.record(applied="extraction", reference=str(stain_path))
-    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes, rejected, normaliser)
+    _read_and_write(target, cfg, slide, plan, cand, attrs, rec, cache_bytes, rejected, normaliser, verbose)
     slide.close()
     rec["wsi"] = {**_wsi_summary(plan, mpp_source, tm, cand), "unsampled_groups": ann.other_groups}
     if thumb is not None:
@@ -170,6 +172,7 @@ def _read_and_write(
     cache_bytes: int | None,
     rejected: list[np.ndarray] | None = None,
     normaliser: StainNormaliser | None = None,
+    verbose: bool = True,
 ) -> None:
     """Read the candidates into the shard (atomically), recording read/write timings and rejects; quality
     is judged on the raw patches, the stain normaliser (if any) runs in the writer thread.
@@ -180,6 +183,8 @@ def _read_and_write(
     t0 = time.perf_counter()
     # The pool is forked before the writer thread and the HDF5 file exist.
     source = PatchSource(target.entry.image, slide, plan, cfg["wsi"]["workers"], cache_bytes)
+    wanted = sum(min(cand.quota[c], len(cand.coords[c])) for c in cand.coords)
+    report = progress_mod.reporter(cfg, f"extract-wsi {target.entry.image_id}", wanted, "patches", enabled=verbose)
     try:
         with ShardWriter(
             target.shard,
@@ -194,7 +199,7 @@ def _read_and_write(
             transform = (lambda p: normaliser.apply(p, threads=threads)) if normaliser is not None else None
             sink = BackgroundWriter(writer, transform)
             try:
-                kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink, rejected)
+                kept, n_read = read_into(source, cand, cfg["wsi"]["quality"], sink, rejected, report.advance)
             finally:
                 t_read = time.perf_counter()
                 sink.close()
@@ -205,6 +210,7 @@ def _read_and_write(
             writer.attrs["timings_s"] = {**rec["timings_s"], "read": t_read - t0}
     finally:
         source.close()
+        report.close()
     rec["timings_s"]["read"] = t_read - t0
     rec["timings_s"]["write"] = time.perf_counter() - t_read
     rec["concurrent_s"] = {"write_thread": sink.seconds}
@@ -278,10 +284,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stain", default=None, help="stain reference JSON (medflow fit-stain), when wsi.stain.apply is extraction"
     )
+    progress_mod.add_quiet_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
+    cfg = progress_mod.apply_quiet(config_mod.load(args.config), args.quiet)
     classes.check_quota(
         cfg["wsi"]["sampling"], classes.class_map(cfg["wsi"]["labels"], args.config).classes, args.config
     )

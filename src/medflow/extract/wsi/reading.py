@@ -150,10 +150,12 @@ def read_into(
     quality_cfg: dict,
     sink: BackgroundWriter,
     rejected: list[np.ndarray] | None = None,
+    on_kept: Callable[[int], None] | None = None,
 ) -> tuple[dict[int, int], int]:
     """Fill each class's quota from its candidates, in rounds: read the next ones in slide order,
     drop quality rejects, replace them from the spares. Returns (accepted per class, patches read);
-    the coordinates of rejected patches are appended to ``rejected`` when given (QC image)."""
+    the coordinates of rejected patches are appended to ``rejected`` when given (QC image).
+    ``on_kept(n)`` is told the patches each batch adds (progress)."""
     taken = {c: 0 for c in cand.coords}  # candidates consumed per class
     kept = {c: 0 for c in cand.coords}
     while True:
@@ -179,3 +181,5 @@ def read_into(
             for c, n in zip(*np.unique(lab, return_counts=True)):
                 kept[int(c)] += int(n)
             sink.put(patches, chunk, lab)
+            if on_kept is not None:
+                on_kept(len(lab))
