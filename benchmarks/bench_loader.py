@@ -4,11 +4,11 @@
 Methods, all on the same synthetic patches with a warm page cache (each timed epoch follows an
 untimed warm-up epoch; the best of ``--repeats`` epochs is reported). Every method's batches are
 consumed like a training loop does: batch k is still alive while batch k+1 is read.
-  medflow-stream   medflow.data loader, NOT preloaded (rows gathered from the mapped chunks),
+  medflow-stream   medflow.train.loader.EpochLoader, NOT preloaded (rows gathered from the mapped chunks),
                    default shuffle (global for sets ≤ 4 GiB)
   medflow-stream-win16  the same, chunk-windowed shuffle (16 chunks), as used for large sets
   medflow-h5py-win16    the h5py whole-chunk path (compressed shards), chunk-windowed shuffle
-  medflow-preload  medflow.data loader, preloaded into RAM (the fast path for small sets)
+  medflow-preload  medflow.train.loader.EpochLoader, preloaded into RAM (the fast path for small sets)
   h5-whole-chunks  raw h5py whole-chunk reads in shuffled chunk order (an upper bound, no gather)
   mmap-npy         memory-mapped .npy, each batch a sorted random fancy index (the raw read)
   mmap-npy-dropped the same, each batch freed before the next is read (not how training holds them)
@@ -152,17 +152,17 @@ def run_all(
 
         return epoch
 
-    methods["medflow-stream"] = loader_epochs(data.make_loader(pset, batch_size=BATCH, seed=0, preload=False))
+    methods["medflow-stream"] = loader_epochs(data.EpochLoader(pset, batch_size=BATCH, seed=0, preload=False))
     methods["medflow-stream-win16"] = loader_epochs(
-        data.make_loader(pset, batch_size=BATCH, seed=0, preload=False, window_chunks=16)
+        data.EpochLoader(pset, batch_size=BATCH, seed=0, preload=False, window_chunks=16)
     )
     # The h5py whole-chunk path (what compressed shards use); its chunk LRU is sized by the loader.
     h5set = PatchSet(index, patients, io="h5py", cache_bytes=0)
     methods["medflow-h5py-win16"] = loader_epochs(
-        data.make_loader(h5set, batch_size=BATCH, seed=0, preload=False, window_chunks=16)
+        data.EpochLoader(h5set, batch_size=BATCH, seed=0, preload=False, window_chunks=16)
     )
     ram_set = PatchSet(index, patients)  # its own set: preloading must not change the others
-    methods["medflow-preload"] = loader_epochs(data.make_loader(ram_set, batch_size=BATCH, seed=0, preload=True))
+    methods["medflow-preload"] = loader_epochs(data.EpochLoader(ram_set, batch_size=BATCH, seed=0, preload=True))
 
     chunk_bounds = [
         (sid, lo) for sid, (ln, c) in enumerate(zip(pset.shard_len, pset.chunk_rows)) for lo in range(0, ln, c)

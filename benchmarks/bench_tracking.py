@@ -48,7 +48,7 @@ from medflow.train import dist, tracking  # noqa: E402
 from medflow.train.checkpoint import Progress  # noqa: E402
 from medflow.train.fold import train_fold  # noqa: E402
 from medflow.train.inputs import load_fold_job, record_sections  # noqa: E402
-from medflow.train.loader import make_loader  # noqa: E402
+from medflow.train.loader import EpochLoader  # noqa: E402
 from medflow.train.patchset import PatchSet  # noqa: E402
 from medflow.train.splits import make_plan  # noqa: E402
 
@@ -115,7 +115,7 @@ def step_cost(study: dict, model: str, out: Path, calls: int = 20000) -> dict[st
         job.out_dir.mkdir(parents=True)
         d = dist.init("ddp", 1)
         pset = PatchSet(job.index, job.patients["train"], 0, 1)
-        loader = make_loader(pset, batch_size=16, rank=0, world_size=1, shuffle=True, seed=1)
+        loader = EpochLoader(pset, batch_size=16, rank=0, world_size=1, shuffle=True, seed=1)
         tracker = tracking.start(job, d, Progress(), loader)
         t0 = time.perf_counter()
         for _ in range(calls):

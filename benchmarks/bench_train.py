@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from medflow.bench.inputs import write_synthetic_cohort  # noqa: E402
 from medflow.core.index import load_index  # noqa: E402
 from medflow.train import dist, models  # noqa: E402
-from medflow.train.loader import make_loader  # noqa: E402
+from medflow.train.loader import EpochLoader  # noqa: E402
 from medflow.train.patchset import PatchSet  # noqa: E402
 
 # model → (model config, patch shape, dtype, per-rank batch) as in the demo config
@@ -111,10 +111,10 @@ def loader_vs_memory(index: str, model: str, steps: int, repeats: int) -> dict:
     patients = [s["patient_id"] for s in idx["shards"]]
     stream_set, ram_set = PatchSet(index_d, patients), PatchSet(index_d, patients)
     loaders = {
-        "stream": make_loader(stream_set, batch_size=batch, seed=1, augment="dihedral", preload=False),
-        "preload": make_loader(ram_set, batch_size=batch, seed=1, augment="dihedral", preload=True),
+        "stream": EpochLoader(stream_set, batch_size=batch, seed=1, augment="dihedral", preload=False),
+        "preload": EpochLoader(ram_set, batch_size=batch, seed=1, augment="dihedral", preload=True),
         # the same without the dihedral augmentation: separates reading from augmenting
-        "preload_noaug": make_loader(ram_set, batch_size=batch, seed=1, augment="none", preload=True),
+        "preload_noaug": EpochLoader(ram_set, batch_size=batch, seed=1, augment="none", preload=True),
     }
     fixed = [(x.clone(), y.clone()) for x, y in loaders["preload"]]  # one epoch of identical batches
     sources = {"memory": cycle(fixed), **{name: endless(loader) for name, loader in loaders.items()}}
@@ -139,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
     _, _, _, batch = SETUPS[args.model]
     index = load_index(args.index)
     pset = PatchSet(index, [s["patient_id"] for s in index["shards"]])
-    loader = make_loader(
+    loader = EpochLoader(
         pset, batch_size=batch, rank=d.rank, world_size=d.size, seed=1, augment="dihedral", drop_last=True
     )
     net, opt = build(args.model, d.device)

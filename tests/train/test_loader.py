@@ -1,4 +1,4 @@
-"""medflow.data: whole-chunk reads equal the raw rows; rank sharding; determinism; dihedral
+"""medflow.train.loader and patchset: whole-chunk reads equal the raw rows; rank sharding; determinism; dihedral
 augmentation; class balancing; stratified batches; max_patches cap. Real shards via ShardWriter."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from medflow.core import index as shards
 from medflow.core.errors import InputError
 from medflow.core.shards import SHARD_FORMAT
 from medflow.train.augment import dihedral, dihedral_batch
-from medflow.train.loader import make_loader
+from medflow.train.loader import EpochLoader
 from medflow.train.patchset import PatchSet, row_segments
 
 CLASSES = ["normal", "stroma", "tumour"]
@@ -105,7 +105,7 @@ def test_max_patches_cap_keeps_every_class(cohort: dict) -> None:
 def test_ranks_disjoint_equal_length_and_cover(cohort: dict, preload: bool, world_size: int) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2", "P3"])
     loaders = [
-        make_loader(pset, batch_size=7, rank=r, world_size=world_size, seed=5, preload=preload)
+        EpochLoader(pset, batch_size=7, rank=r, world_size=world_size, seed=5, preload=preload)
         for r in range(world_size)
     ]
     parts = [ld.rank_indices() for ld in loaders]
@@ -123,7 +123,7 @@ def test_ranks_disjoint_equal_length_and_cover(cohort: dict, preload: bool, worl
 def test_batches_carry_the_right_patches(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P1", "P2"])
     x_raw, _ = _raw(pset)
-    loader = make_loader(pset, batch_size=8, seed=2, preload=False)
+    loader = EpochLoader(pset, batch_size=8, seed=2, preload=False)
     idx = loader.rank_indices()
     got = np.concatenate([x.numpy() for x, _ in loader])
     np.testing.assert_array_equal(got, x_raw[idx])
@@ -132,8 +132,8 @@ def test_batches_carry_the_right_patches(cohort: dict) -> None:
 
 def test_same_seed_same_epoch_same_batches_and_epochs_differ(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P3", "P4"])
-    a = make_loader(pset, batch_size=8, seed=11, augment="dihedral", preload=False)
-    b = make_loader(PatchSet(cohort, ["P0", "P3", "P4"]), batch_size=8, seed=11, augment="dihedral", preload=True)
+    a = EpochLoader(pset, batch_size=8, seed=11, augment="dihedral", preload=False)
+    b = EpochLoader(PatchSet(cohort, ["P0", "P3", "P4"]), batch_size=8, seed=11, augment="dihedral", preload=True)
     assert b.pset.preloaded and not a.pset.preloaded
     a.set_epoch(3)
     b.set_epoch(3)
@@ -147,7 +147,7 @@ def test_same_seed_same_epoch_same_batches_and_epochs_differ(cohort: dict) -> No
     assert not np.array_equal(a0, a.rank_indices())
     a.set_epoch(3)
     np.testing.assert_array_equal(a0, a.rank_indices())
-    c = make_loader(pset, batch_size=8, seed=12, preload=False)
+    c = EpochLoader(pset, batch_size=8, seed=12, preload=False)
     c.set_epoch(3)
     assert not np.array_equal(a0, c.rank_indices())
     batches_a = [(x.numpy(), y.numpy()) for x, y in a]
@@ -159,14 +159,14 @@ def test_same_seed_same_epoch_same_batches_and_epochs_differ(cohort: dict) -> No
 
 def test_unshuffled_loader_keeps_set_order(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P5"])
-    loader = make_loader(pset, batch_size=4, shuffle=False)
+    loader = EpochLoader(pset, batch_size=4, shuffle=False)
     np.testing.assert_array_equal(loader.rank_indices(), np.arange(len(pset)))
 
 
 def test_streaming_order_keeps_reads_whole_chunk(cohort: dict) -> None:
     """Shuffled streaming epochs read each chunk about once (chunk-grouped order)."""
     pset = PatchSet(cohort, ["P0", "P1", "P2", "P3", "P4", "P5"], cache_bytes=16 * 8 * 16 * 16 * 3, io="h5py")
-    loader = make_loader(pset, batch_size=16, seed=0, preload=False, window_chunks=4)
+    loader = EpochLoader(pset, batch_size=16, seed=0, preload=False, window_chunks=4)
     for _ in loader:
         pass
     n_chunks = len(np.unique(pset.chunk_of))
@@ -190,7 +190,7 @@ def test_dihedral_transforms_are_the_8_distinct_pixel_permutations() -> None:
 def test_augment_applies_the_planned_transform(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P2"])
     x_raw, _ = _raw(pset)
-    loader = make_loader(pset, batch_size=5, seed=4, augment="dihedral")
+    loader = EpochLoader(pset, batch_size=5, seed=4, augment="dihedral")
     idx, tf = loader._plan
     got = np.concatenate([x.numpy() for x, _ in loader])
     assert len(set(tf.tolist())) > 1
@@ -202,7 +202,7 @@ def test_augment_applies_the_planned_transform(cohort: dict) -> None:
 def test_dihedral_balance_oversamples_with_distinct_transforms(cohort: dict, augment: str) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2", "P3"])
     counts = pset.class_counts()
-    loader = make_loader(pset, batch_size=8, seed=6, balance="dihedral", augment=augment)
+    loader = EpochLoader(pset, batch_size=8, seed=6, balance="dihedral", augment=augment)
     idx, tf = loader._plan
     got = np.bincount(pset.labels[idx], minlength=3)
     np.testing.assert_array_equal(got, np.minimum(counts.max(), 8 * counts))
@@ -214,7 +214,7 @@ def test_dihedral_balance_oversamples_with_distinct_transforms(cohort: dict, aug
 
 def test_weighted_balance_samples_classes_about_equally(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2", "P3", "P4", "P5"])
-    loader = make_loader(pset, batch_size=8, seed=0, balance="weighted")
+    loader = EpochLoader(pset, batch_size=8, seed=0, balance="weighted")
     shares = np.bincount(pset.labels[loader.rank_indices()], minlength=3) / len(pset)
     assert len(loader.rank_indices()) == len(pset)
     assert np.all(np.abs(shares - 1 / 3) < 0.08), shares  # vs raw shares ~0.6/0.25/0.15
@@ -226,7 +226,7 @@ def test_stratified_batches_keep_class_proportions(cohort: dict, world_size: int
     props = pset.class_counts() / len(pset)
     B = 20
     for rank in range(world_size):
-        loader = make_loader(
+        loader = EpochLoader(
             pset, batch_size=B, rank=rank, world_size=world_size, seed=1, sampling="stratified", drop_last=True
         )
         for _, y in loader:
@@ -237,8 +237,8 @@ def test_stratified_batches_keep_class_proportions(cohort: dict, world_size: int
 def test_drop_last_and_lengths(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P1"])
     n = len(pset)
-    full = make_loader(pset, batch_size=7, world_size=2, rank=1)
-    dropped = make_loader(pset, batch_size=7, world_size=2, rank=1, drop_last=True)
+    full = EpochLoader(pset, batch_size=7, world_size=2, rank=1)
+    dropped = EpochLoader(pset, batch_size=7, world_size=2, rank=1, drop_last=True)
     per_rank = -(-n // 2)
     assert len(full) == -(-per_rank // 7) and len(dropped) == per_rank // 7
     assert all(len(y) == 7 for _, y in dropped)
@@ -253,7 +253,7 @@ def test_float16_shards_come_out_float32(tmp_path: Path) -> None:
     )
     pset = PatchSet(index, ["A", "B"])
     x, _ = _raw(pset)
-    loader = make_loader(pset, batch_size=6, shuffle=False, preload=False)
+    loader = EpochLoader(pset, batch_size=6, shuffle=False, preload=False)
     got = np.concatenate([xb.numpy() for xb, _ in loader])
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, x.astype(np.float32))
@@ -263,8 +263,8 @@ def test_float16_shards_come_out_float32(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", [{"workers": 2}, {"prefetch": 3}])
 def test_workers_and_prefetch_give_the_same_batches(cohort: dict, io: str, mode: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2"], io=io)
-    single = make_loader(pset, batch_size=8, seed=9, augment="dihedral", preload=False)
-    other = make_loader(
+    single = EpochLoader(pset, batch_size=8, seed=9, augment="dihedral", preload=False)
+    other = EpochLoader(
         PatchSet(cohort, ["P0", "P1", "P2"], io=io), batch_size=8, seed=9, augment="dihedral", preload=False, **mode
     )
     for epoch in (0, 1):
@@ -355,7 +355,7 @@ def test_mmap_and_h5py_paths_read_the_same_rows(mixed_cohort: dict) -> None:
 
 def test_compressed_sets_use_chunk_windows_and_read_each_chunk_once(mixed_cohort: dict) -> None:
     pset = PatchSet(mixed_cohort, ["C"], cache_bytes=0)
-    loader = make_loader(pset, batch_size=8, seed=1)
+    loader = EpochLoader(pset, batch_size=8, seed=1)
     assert loader.window_chunks > 0  # never a global shuffle through h5py
     for _ in loader:
         pass
@@ -376,7 +376,7 @@ def test_patchset_pickles_for_spawned_workers(mixed_cohort: dict) -> None:
 
 def test_loader_batches_are_in_storage_order_within_each_batch(mixed_cohort: dict) -> None:
     pset = PatchSet(mixed_cohort, ["A", "B", "C", "D"])
-    loader = make_loader(pset, batch_size=32, seed=0, preload=False)
+    loader = EpochLoader(pset, batch_size=32, seed=0, preload=False)
     idx = loader.rank_indices()
     for lo in range(0, len(idx), 32):
         b = idx[lo : lo + 32]
@@ -386,7 +386,7 @@ def test_loader_batches_are_in_storage_order_within_each_batch(mixed_cohort: dic
 def test_batch_buffers_are_reused_only_when_released(cohort: dict) -> None:
     pset = PatchSet(cohort, ["P0", "P1", "P2", "P3"])
     x_raw, _ = _raw(pset)
-    loader = make_loader(pset, batch_size=8, seed=3, augment="dihedral", drop_last=True)
+    loader = EpochLoader(pset, batch_size=8, seed=3, augment="dihedral", drop_last=True)
     for x, _ in loader:  # a training loop: the previous batch is dropped as the next comes
         del x
     assert len(loader._buffers._arrays) <= 4

@@ -25,7 +25,7 @@ from medflow.extract.wsi import colour, stain
 from medflow.extract.wsi.stain_reference import STAIN_FORMAT
 from medflow.train import models, stain_setup
 from medflow.train.inputs import FoldJob
-from medflow.train.loader import make_loader
+from medflow.train.loader import EpochLoader
 from medflow.train.patchset import PatchSet
 from medflow.train.splits import make_plan
 from medflow.train.stain_jitter import draw, hed_jitter
@@ -98,8 +98,8 @@ def _batches(loader, epoch: int) -> list[np.ndarray]:
 
 def test_loader_jitter_is_seeded_per_epoch_and_applied_per_planned_patch(rgb_cohort) -> None:
     pset = PatchSet(rgb_cohort["index"], ["P0", "P1", "P2"])
-    loader = make_loader(pset, batch_size=8, seed=3, augment="none", jitter=(0.1, 0.05))
-    plain = make_loader(PatchSet(rgb_cohort["index"], ["P0", "P1", "P2"]), batch_size=8, seed=3, augment="none")
+    loader = EpochLoader(pset, batch_size=8, seed=3, augment="none", jitter=(0.1, 0.05))
+    plain = EpochLoader(PatchSet(rgb_cohort["index"], ["P0", "P1", "P2"]), batch_size=8, seed=3, augment="none")
     first = _batches(loader, 0)
     np.testing.assert_array_equal(loader.rank_indices(), plain.rank_indices())  # the plan ignores jitter
     raw = _raw(pset)
@@ -107,7 +107,7 @@ def test_loader_jitter_is_seeded_per_epoch_and_applied_per_planned_patch(rgb_coh
     np.testing.assert_array_equal(np.concatenate(first), expected)
     assert not np.array_equal(np.concatenate(first), np.concatenate(_batches(plain, 0)))
     second = _batches(loader, 1)
-    again = make_loader(PatchSet(rgb_cohort["index"], ["P0", "P1", "P2"]), batch_size=8, seed=3, jitter=(0.1, 0.05))
+    again = EpochLoader(PatchSet(rgb_cohort["index"], ["P0", "P1", "P2"]), batch_size=8, seed=3, jitter=(0.1, 0.05))
     for epoch, want in ((1, second), (0, first)):  # a fresh loader (a resumed job) at any epoch: the same
         for a, b in zip(_batches(again, epoch), want, strict=True):
             np.testing.assert_array_equal(a, b)
@@ -117,8 +117,8 @@ def test_loader_jitter_is_seeded_per_epoch_and_applied_per_planned_patch(rgb_coh
 def test_loader_workers_give_the_same_normalised_jittered_batches(rgb_cohort) -> None:
     norm = stain.make("reinhard", {}, REINHARD_TARGET)
     kw = {"batch_size": 8, "seed": 5, "augment": "dihedral", "stain": norm, "jitter": (0.05, 0.05)}
-    single = make_loader(PatchSet(rgb_cohort["index"], ["P3", "P4"]), **kw)
-    forked = make_loader(PatchSet(rgb_cohort["index"], ["P3", "P4"]), workers=2, **kw)
+    single = EpochLoader(PatchSet(rgb_cohort["index"], ["P3", "P4"]), **kw)
+    forked = EpochLoader(PatchSet(rgb_cohort["index"], ["P3", "P4"]), workers=2, **kw)
     for a, b in zip(_batches(single, 2), _batches(forked, 2), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -128,12 +128,12 @@ def test_loader_normalises_every_batch_with_the_normaliser(rgb_cohort) -> None:
     norm = stain.make(
         "macenko", {}, {"stain_matrix": [[0.56, 0.22], [0.72, 0.80], [0.41, 0.56]], "max_concentrations": [1.9, 1.0]}
     )
-    loader = make_loader(pset, batch_size=8, shuffle=False, stain=norm)
+    loader = EpochLoader(pset, batch_size=8, shuffle=False, stain=norm)
     got = np.concatenate(_batches(loader, 0))
     np.testing.assert_array_equal(got, norm.apply(_raw(pset)))
     assert loader.stats["stain_s"] > 0
     with pytest.raises(ValueError, match="uint8 RGB"):
-        make_loader(_float_set(rgb_cohort["root"]), batch_size=4, stain=norm)
+        EpochLoader(_float_set(rgb_cohort["root"]), batch_size=4, stain=norm)
 
 
 def _float_set(root: Path) -> PatchSet:

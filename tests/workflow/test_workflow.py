@@ -172,7 +172,7 @@ def test_tensorboard_has_scalar_series_for_every_fold_job(demo_run):
         assert read_json(res / "runs" / run / "record.json")["tracking"]["tensorboard"] is True
 
 
-def test_snakemake_report_shows_learning_curves(demo_run, tmp_path):
+def test_snakemake_report_shows_learning_curves_and_heatmaps(demo_run, tmp_path):
     work, res = demo_run
     out = tmp_path / "snakemake-report.html"
     proc = snakemake(work, "--report", str(out))
@@ -181,6 +181,7 @@ def test_snakemake_report_shows_learning_curves(demo_run, tmp_path):
     assert "Learning curves" in html and "curves_wsi_demo.png" in html and "curves_hsi_demo.png" in html
     assert html.count("curves.csv") >= 8 and "Confusion matrices" in html and "Classification maps" in html
     assert "report.html" in html  # the medflow report itself is still there
+    assert "Heatmaps" in html and "heatmap_" in html and "Grad-CAM" in html and "Slide QC" in html
 
 
 def test_rerun_after_success_does_nothing(demo_run):

@@ -18,7 +18,7 @@ from ..core.manifest import ImageEntry
 from ..core.seeds import rng_for
 from ..extract.hsi.chain import process_image
 from ..extract.wsi.job import extract_slide
-from ..train.loader import make_loader
+from ..train.loader import EpochLoader
 from ..train.patchset import PatchSet
 from . import inputs
 from .timing import repeat_for
@@ -98,7 +98,7 @@ def measure_hdf5(cfg: dict, seconds: float, scratch: Path, quick: bool) -> dict[
         compression=cfg["shards"]["compression"],
     )
     pset = PatchSet(load_index(index_path), ["p0", "p1"])
-    loader = make_loader(pset, batch_size=64, shuffle=True, seed=int(cfg["seed"]), preload=False)
+    loader = EpochLoader(pset, batch_size=64, shuffle=True, seed=int(cfg["seed"]), preload=False)
     epochs = [0]
 
     def step() -> float:

@@ -25,14 +25,12 @@ from ..core import config as config_mod
 from ..core import fsio, provenance
 from ..core import progress as progress_mod
 from ..core.errors import InputError
-from ..core.manifest import entries as manifest_entries
-from ..core.manifest import entry as manifest_entry
 from ..core.metrics import classification_metrics
 from ..core.records import JobRecord
 from ..extract.hsi import chain as hsi_chain
 from ..extract.hsi.patches import pixel_windows
 from ..train.models import load_model, predict_proba
-from ..train.splits import fold_patients, load_plan
+from .targets import named_or_outer_test
 
 # Fixed map colours (RGB) per class name, as in the brain-tumour study's maps: healthy green, tumour red,
 # blood vessels blue/magenta, dura yellow. Other class names take matplotlib's tab10 colours in order.
@@ -248,27 +246,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     progress_mod.add_quiet_argument(p)
 
 
-def images_to_map(cfg: dict, args: argparse.Namespace) -> list[Any]:
-    """Manifest entries named by --image-ids, or those of the test patients of outer fold --outer."""
-    if args.image_ids:
-        return [manifest_entry(cfg, args.cohort, image_id) for image_id in args.image_ids]
-    if args.outer is None:
-        raise InputError(args.folds, "--folds needs --outer to pick the test patients")
-    try:
-        test = set(fold_patients(load_plan(args.folds), args.outer, None)["test"])
-    except InputError as exc:
-        raise InputError(args.folds, exc.problem) from None
-    items = [e for e in manifest_entries(cfg, args.cohort) if e.patient_id in test]
-    if not items:
-        raise InputError(args.folds, f"outer fold {args.outer} has no test image in cohort {args.cohort!r}")
-    return items
-
-
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg = progress_mod.apply_quiet(config_mod.load(args.config), args.quiet)
     config_mod.study(cfg, args.study, args.config)
-    items = images_to_map(cfg, args)
+    items = named_or_outer_test(cfg, args, "image")
     out_dir = Path(args.out_dir)
     record = JobRecord(
         "predict-hsi",

@@ -35,7 +35,6 @@ from ..core import progress as progress_mod
 from ..core.errors import InputError
 from ..core.manifest import ImageEntry
 from ..core.manifest import entries as manifest_entries
-from ..core.manifest import entry as manifest_entry
 from ..core.records import JobRecord
 from ..extract.wsi import tissue
 from ..extract.wsi.classes import class_map
@@ -45,13 +44,13 @@ from ..extract.wsi.slide import ReadPlan, choose_level, level0_mpp, open_slide
 from ..train import dist as dist_mod
 from ..train.evaluate import rank_slice
 from ..train.models import load_model
-from ..train.splits import fold_patients, load_plan
 from ..train.stain_setup import for_slide_pixels
 from . import froc, regions
 from .heatmap import write_heatmap
 from .hsi import CLASS_COLOURS, cpu_threads
 from .infer import check_model, infer_tiles
 from .slide_metrics import slide_score
+from .targets import named_or_outer_test
 from .tiling import TileGrid, tile_grid
 
 OUTPUT_SUFFIXES = (".npz", ".png", ".geojson", ".csv")
@@ -348,20 +347,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def slides_to_predict(cfg: dict, args: argparse.Namespace) -> list[ImageEntry]:
-    if args.image_ids:
-        return [manifest_entry(cfg, args.cohort, image_id) for image_id in args.image_ids]
     if args.all:
         return manifest_entries(cfg, args.cohort)
-    if args.outer is None:
-        raise InputError(args.folds, "--folds needs --outer to pick the test patients")
-    try:
-        test = set(fold_patients(load_plan(args.folds), args.outer, None)["test"])
-    except InputError as exc:
-        raise InputError(args.folds, exc.problem) from None
-    items = [e for e in manifest_entries(cfg, args.cohort) if e.patient_id in test]
-    if not items:
-        raise InputError(args.folds, f"outer fold {args.outer} has no test slide in cohort {args.cohort!r}")
-    return items
+    return named_or_outer_test(cfg, args, "slide")
 
 
 def make_dist(cfg: dict) -> dist_mod.Dist:

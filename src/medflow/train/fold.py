@@ -2,7 +2,7 @@
 
 Launched as N ranks (``mpiexec -n N`` / ``srun``) by the Snakemake rule; Horovod or DDP from
 ``launch.backend`` (see `medflow.train.dist`). Each rank trains on its share of every epoch's batches
-(`medflow.train.loader.make_loader`); gradients are averaged across ranks. Validation is sharded too:
+(`medflow.train.loader.EpochLoader`); gradients are averaged across ranks. Validation is sharded too:
 each rank predicts a contiguous slice of the validation set and the predictions are gathered
 (allgather) so every rank computes the metrics over the whole set.
 
@@ -35,7 +35,7 @@ from . import models, tracking
 from .checkpoint import Progress, checkpoint_identity, curves_csv, load_checkpoint, save_checkpoint, set_rng_state
 from .evaluate import accuracy, nll, predict_set
 from .inputs import FoldJob, load_fold_job, record_sections
-from .loader import EpochLoader, make_loader
+from .loader import EpochLoader
 from .optim import make_optimizer, scaled_lr
 from .patchset import PatchSet
 from .stain_setup import TrainingStain, for_training
@@ -72,7 +72,7 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: Trainin
     with record.timed("prepare_train"):
         train_set = PatchSet(job.index, job.patients["train"], tc["max_patches"], job.derive("train-set"))
         per_rank = -(-len(train_set) // d.size)
-        loader = make_loader(
+        loader = EpochLoader(
             train_set,
             batch_size=tc["batch_size"],
             rank=d.rank,

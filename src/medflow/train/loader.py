@@ -1,6 +1,6 @@
 """The per-rank epoch loader of training: deterministic plans, rank sharding, batches in storage order.
 
-``make_loader`` → ``EpochLoader``: per epoch a deterministic plan of (patch, transform) pairs from
+``EpochLoader``: per epoch a deterministic plan of (patch, transform) pairs from
 ``(seed, epoch)`` — it depends on the data only, never on preloading or I/O path. Sets up to 4 GiB
 that are fully mapped are shuffled globally; larger or compressed sets chunk by chunk (chunk order
 shuffled, patches shuffled within a window of 16 chunks). The plan is padded by wrapping and split
@@ -79,7 +79,14 @@ _POOL_ONLY_REFS = _refs_held_by_pool_only()
 
 
 class EpochLoader:
-    """Iterates (x, y) batches of one rank; ``set_epoch`` reshuffles deterministically."""
+    """Iterates (x, y) batches of one rank; ``set_epoch`` reshuffles deterministically (see the module
+    docstring for the design).
+
+    ``workers`` > 0: DataLoader worker processes (forked) build the batches; ``prefetch`` > 0
+    (with workers = 0): one background thread reads that many batches ahead; ``pin_memory``
+    pins batches for asynchronous host-to-GPU copies (CUDA only). ``stain``: a stain normaliser
+    applied to every batch (`medflow.extract.wsi.stain`); ``jitter``: HED jitter (scale, bias),
+    `medflow.train.stain_jitter`."""
 
     def __init__(
         self,
@@ -306,51 +313,3 @@ def _want_preload(preload: str | bool | int, pset: PatchSet) -> bool:
     if isinstance(preload, int):
         return pset.nbytes <= preload
     raise ValueError(f"preload must be 'auto', a bool or a byte limit, not {preload!r}")
-
-
-def make_loader(
-    pset: PatchSet,
-    *,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle: bool = True,
-    seed: int = 0,
-    augment: str = "none",
-    balance: str = "none",
-    sampling: str = "shuffle",
-    drop_last: bool = False,
-    workers: int = 0,
-    preload: str | bool | int = "auto",
-    window_chunks: int | None = None,
-    prefetch: int = 0,
-    pin_memory: bool = False,
-    stain: StainNormaliser | None = None,
-    jitter: tuple[float, float] | None = None,
-) -> EpochLoader:
-    """The per-rank epoch loader (see the module docstring for the design).
-
-    ``workers`` > 0: DataLoader worker processes (forked) build the batches; ``prefetch`` > 0
-    (with workers = 0): one background thread reads that many batches ahead; ``pin_memory``
-    pins batches for asynchronous host-to-GPU copies (CUDA only). ``stain``: a stain normaliser
-    applied to every batch (`medflow.extract.wsi.stain`); ``jitter``: HED jitter (scale, bias),
-    `medflow.train.stain_jitter`."""
-    return EpochLoader(
-        pset,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        shuffle=shuffle,
-        seed=seed,
-        augment=augment,
-        balance=balance,
-        sampling=sampling,
-        drop_last=drop_last,
-        workers=workers,
-        preload=preload,
-        window_chunks=window_chunks,
-        prefetch=prefetch,
-        pin_memory=pin_memory,
-        stain=stain,
-        jitter=jitter,
-    )
