@@ -290,13 +290,7 @@ class SlideJob:
         n_pred = int(ok.sum())
         rec.update(
             geometry={
-                "level": plan.level,
-                "read_size": plan.read_size,
-                "patch_size": plan.patch_size,
-                "mpp": plan.mpp,
-                "level0_mpp": plan.level0_mpp,
-                "mpp_source": mpp_source,
-                "resampled": plan.resample,
+                **plan.summary(mpp_source),
                 "footprint": grid.footprint,
                 "stride": grid.stride,
                 "overlap": 1 - grid.stride / grid.footprint,

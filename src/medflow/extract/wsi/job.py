@@ -258,14 +258,7 @@ def _write_qc(
 
 def _wsi_summary(plan: ReadPlan, mpp_source: str, tm: tissue.TissueMask, cand: Candidates) -> dict[str, Any]:
     return {
-        "level": plan.level,
-        "downsample": plan.level_downsample,
-        "read_size": plan.read_size,
-        "patch_size": plan.patch_size,
-        "mpp": plan.mpp,
-        "level0_mpp": plan.level0_mpp,
-        "mpp_source": mpp_source,
-        "resampled": plan.resample,
+        **plan.summary(mpp_source),
         "tissue_fraction": tm.fraction,
         "tissue_mm2": float(tm.mask.sum()) * (tm.cell * plan.level0_mpp) ** 2 / 1e6,
         "tissue_threshold": tm.threshold,

@@ -84,6 +84,19 @@ class ReadPlan:
         """Patch edge in level-0 pixels."""
         return self.read_size * self.level_downsample
 
+    def summary(self, mpp_source: str) -> dict[str, Any]:
+        """The geometry a record states (extraction's ``wsi``, predict-wsi's ``geometry``)."""
+        return {
+            "level": self.level,
+            "downsample": self.level_downsample,
+            "read_size": self.read_size,
+            "patch_size": self.patch_size,
+            "mpp": self.mpp,
+            "level0_mpp": self.level0_mpp,
+            "mpp_source": mpp_source,
+            "resampled": self.resample,
+        }
+
 
 def choose_level(
     downsamples: Sequence[float],
