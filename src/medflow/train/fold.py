@@ -283,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         devices = [dev for part in d.allgather_object(d.devices) for dev in part]
         record["launch"] = provenance.launch_info(d.backend, d.size, devices)
         record["launch"]["backend_requested"] = launch["backend"]
+        record["launch"].update(d.layout())  # nodes, hosts, ranks per node, per-rank host/local rank
         record["timings_s"]["load_args"] = time.perf_counter() - t0
         train_fold(job, d, record)
         if d.is_root:
