@@ -12,6 +12,7 @@ import medflow.core.config
 import medflow.core.fsio
 import medflow.core.manifest
 import medflow.core.provenance
+import medflow.extract.batches
 import medflow.extract.job
 
 # The one validation of this process: unknown keys and wrong types stop the run before any job, naming
@@ -41,9 +42,10 @@ def write_effective_config() -> None:
         medflow.core.fsio.write_text(CONFIG_FILE, text)
 
 
+@cache
 def extraction_hash(kind: str, cohort: str) -> str:
-    """Hash of the config sections that shape a shard (medflow.extract.job.config_sections)."""
-    return section_hash(*medflow.extract.job.config_sections(kind, cohort))
+    """Hash of the config sections that shape a shard (medflow.extract.job.config_hash)."""
+    return medflow.extract.job.config_hash(config, kind, cohort)
 
 
 def section_hash(*sections: str) -> str:
@@ -64,14 +66,40 @@ def cohort_entries(cohort: str) -> tuple:
     return tuple(medflow.core.manifest.read_manifest(manifest))
 
 
+@cache
+def _entries_by_id(cohort: str) -> dict:
+    return {e.image_id: e for e in cohort_entries(cohort)}
+
+
 def cohort_entry(cohort: str, image_id: str):
-    for e in cohort_entries(cohort):
-        if e.image_id == image_id:
-            return e
-    raise ValueError(f"no image {image_id!r} in cohort {cohort!r}")
+    """One manifest row (a dict lookup: a scan per job made 30,000-image DAGs quadratic)."""
+    entry = _entries_by_id(cohort).get(image_id)
+    if entry is None:
+        raise ValueError(f"no image {image_id!r} in cohort {cohort!r}")
+    return entry
+
+
+def images_per_job(kind: str) -> int:
+    return int(config[kind]["images_per_job"])
+
+
+@cache
+def cohort_batches(cohort: str) -> dict:
+    """Batch name → manifest rows, for kinds with images_per_job > 1 (medflow.extract.batches)."""
+    return medflow.extract.batches.split(cohort_entries(cohort), images_per_job(COHORTS[cohort]["kind"]))
+
+
+def batch_entries(cohort: str, batch: str) -> tuple:
+    batches = cohort_batches(cohort)
+    if batch not in batches:
+        raise ValueError(f"no batch {batch!r} in cohort {cohort!r} ({len(batches)} batches)")
+    return batches[batch]
 
 
 def extraction_records(cohort: str) -> list[str]:
+    """What the index reads: one record per image, or one batch record per batch of images."""
+    if images_per_job(COHORTS[cohort]["kind"]) > 1:
+        return [f"{RES}/shards/{cohort}/batches/{name}.json" for name in cohort_batches(cohort)]
     return [f"{RES}/shards/{cohort}/{e.image_id}.record.json" for e in cohort_entries(cohort)]
 
 

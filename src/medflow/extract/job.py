@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core import config as config_mod
 from ..core import fsio
 from ..core.errors import InputError
 from ..core.manifest import ImageEntry
@@ -55,6 +56,21 @@ Extract = Callable[[Target, dict, JobRecord, dict], None]
 def config_sections(kind: str, cohort: str) -> tuple[str, ...]:
     """Config sections whose change invalidates a shard of ``kind`` in ``cohort``."""
     return (kind, "shards", f"cohorts.{cohort}")
+
+
+#: Keys of the ``<kind>`` section that say how jobs are scheduled, not what a shard holds: changing them
+#: never invalidates a shard (the config hash is taken without them).
+SCHEDULING_KEYS = ("images_per_job",)
+
+
+def hashed_config(cfg: dict, kind: str) -> dict:
+    """``cfg`` without the scheduling keys of its ``kind`` section: what a shard's config hash covers."""
+    return {**cfg, kind: {k: v for k, v in (cfg.get(kind) or {}).items() if k not in SCHEDULING_KEYS}}
+
+
+def config_hash(cfg: dict, kind: str, cohort: str) -> str:
+    """The config hash of a shard of ``kind`` in ``cohort`` (what the Snakefile passes as a param, too)."""
+    return config_mod.section_hash(hashed_config(cfg, kind), *config_sections(kind, cohort))
 
 
 def class_names(kind: str, cfg: dict) -> list[str]:
@@ -132,7 +148,7 @@ def run(
     names = class_names(target.kind, cfg)
     record = JobRecord(
         target.job,
-        cfg,
+        hashed_config(cfg, target.kind),
         config_sections(target.kind, target.cohort),
         image_id=target.entry.image_id,
         patient_id=target.entry.patient_id,
