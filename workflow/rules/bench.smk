@@ -1,5 +1,8 @@
-# Node-throughput benchmark for site admins: `snakemake --profile slurm benchmark`.
+# Node-throughput benchmark for site admins: `snakemake --profile slurm benchmark`. With bench.nodes > 1 the
+# job spans that many nodes (one task each); the node-local measurements run on the first, the cross-node
+# allreduce on all of them (medflow.bench.workers, `bench.srun` inside the allocation).
 _BENCH_RANKS = config["bench"]["max_ranks"]
+_BENCH_NODES = config["bench"]["nodes"]
 
 
 rule bench:
@@ -10,7 +13,8 @@ rule bench:
     container: CONTAINER
     threads: max(2, _BENCH_RANKS)
     resources:
-        tasks=1,
+        nodes=_BENCH_NODES,
+        tasks=_BENCH_NODES,
         cpus_per_task=max(2, _BENCH_RANKS),
         mem_mb=8000,
         runtime=60,
