@@ -34,6 +34,14 @@ def test_fit_recovers_alpha_and_beta(ranks):
         scaling.fit([4096, 4096], [1e-3, 1e-3], ranks)
 
 
+def test_fit_of_latency_bound_times_never_claims_infinite_bandwidth():
+    # Times that fall with size (noise) or stay flat: no slope to fit; bound beta by the largest message.
+    sizes, times = [4096, 65536, 1 << 20], [2.0e-3, 1.8e-3, 1.5e-3]
+    got = scaling.fit(sizes, times, 2)
+    assert got.busbw_gb_per_s == pytest.approx((1 << 20) / 1.5e-3 / 1e9)  # p = 2: busbw = algbw
+    assert got.alpha_s == pytest.approx(1.5e-3 / 2)
+
+
 def test_efficiency_falls_with_nodes_and_rises_with_link_and_overlap():
     step, grads = 0.10, 102e6  # ResNet-50: 25.6 M fp32 gradients
     slow, fast = AlphaBeta.from_link(1.0, 30.0), AlphaBeta.from_link(100.0, 5.0)

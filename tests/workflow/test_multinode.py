@@ -100,7 +100,14 @@ def test_train_geometry_rejects_uneven_layouts(launch, message):
 
 
 def _up(directory: Path, share: Path, nodes: int, *extra: str) -> Cluster:
-    reason = _cluster_skip_reason()
+    reason = _cluster_skip_reason() or next(
+        (
+            f"{exe} missing (apt-get install iproute2 util-linux)"
+            for exe in ("ip", "tc", "nsenter", "unshare")
+            if not shutil.which(exe)
+        ),
+        None,
+    )
     if reason:
         pytest.skip(reason)
     cmd = ["bash", str(CLUSTER_SH), "up", str(directory), "--nodes", str(nodes), "--cpus", "8"]
@@ -148,6 +155,7 @@ def _config(base: Path, **launch) -> dict:
     cfg["studies"] = {STUDY: cfg["studies"][STUDY]}
     cfg["studies"][STUDY]["train"] = {"epochs": 3, "batch_size": 16, "bn_recalibration": 64}
     cfg["folds"] = {"strategy": "kfold", "outer": 3, "inner": 2, "balance": "stratified"}
+    cfg["hsi"]["images_per_job"] = 4  # 6 images: 2 extraction jobs (4 + 2), one SLURM array
     cfg["launch"] = {"backend": "horovod", "ranks": 2, "nodes": 1, "threads_per_rank": 1, **launch}
     return cfg
 
@@ -171,9 +179,17 @@ def _snakemake(cluster: Cluster, base: Path, config: Path, targets: list[str], t
 def prepared(cluster3, base) -> Path:
     """Shards, index and fold plan of the HSI cohort, made through the profile on the 3-node cluster."""
     config = _write(base, _config(base), "prepare")
-    proc = _snakemake(cluster3, base, config, [str(_results(base) / "folds" / f"{STUDY}.json")])
+    res = _results(base)
+    proc = _snakemake(cluster3, base, config, [str(res / "folds" / f"{STUDY}.json")])
     assert proc.returncode == 0, proc.stdout[-5000:]
-    return _results(base)
+    # Extraction in batches (hsi.images_per_job = 4): one array of 2 tasks, one shard + record per image.
+    (line,) = sbatch_lines(proc.stdout, "extract_hsi")
+    assert_sbatch_line(line, "--array=1-2", "--ntasks=1")
+    batch_files = sorted((res / "shards" / STUDY / "batches").glob("b*.json"))
+    assert [json.loads(b.read_text())["n_images"] for b in batch_files] == [4, 2]
+    index = json.loads((res / "index" / f"{STUDY}.json").read_text())
+    assert len(index["shards"]) == 6 == len(list((res / "shards" / STUDY).glob("*.record.json")))
+    return res
 
 
 def _fold_dir(res: Path, outer: int, inner: int) -> Path:
@@ -266,6 +282,13 @@ def test_ddp_across_nodes_whose_names_do_not_resolve(nodns, base, prepared):
     assert record["site"]["cluster"] == "nodns" and record["launch"]["slurm_job_id"] in nodns.known_job_ids()
     assert record["launch"]["rendezvous"]["address"].startswith("10.213.")
     assert {row["interface"] for row in record["launch"]["per_rank"]} == {"eth0"}
+
+    # Horovod needs no names either (MPI's own wire-up over PMIx): the same fold again, 2 nodes x 1 rank.
+    proc = _train(nodns, base, (2, 1), "horovod-nodns", backend="horovod", ranks=2, nodes=2)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    record = json.loads((run_dir / "record.json").read_text())
+    _assert_cross_node(record, "horovod", 2, 1)
+    _assert_loss_falls(run_dir)
 
 
 # --------------------------------------------------------------------------- a node dies

@@ -1,8 +1,11 @@
 # Node-throughput benchmark for site admins: `snakemake --profile slurm benchmark`. With bench.nodes > 1 the
 # job spans that many nodes (one task each); the node-local measurements run on the first, the cross-node
-# allreduce on all of them (medflow.bench.workers, `bench.srun` inside the allocation).
+# allreduce on all of them (medflow.bench.workers, `bench.srun` inside the allocation). The `mpi` resource
+# makes the SLURM jobstep run the command in the batch script itself, not in a one-node `srun -n1` step
+# whose environment would confine the inner srun to that node ("Only allocated 1 nodes asked for 2").
 _BENCH_RANKS = config["bench"]["max_ranks"]
 _BENCH_NODES = config["bench"]["nodes"]
+_BENCH_MPI = {"mpi": config["bench"]["srun"]} if _BENCH_NODES > 1 else {}
 
 
 rule bench:
@@ -18,6 +21,7 @@ rule bench:
         cpus_per_task=max(2, _BENCH_RANKS),
         mem_mb=8000,
         runtime=60,
+        **_BENCH_MPI,
     shell:
         "medflow bench --config {CONFIG_FILE} --out {output} > {log} 2>&1"
 

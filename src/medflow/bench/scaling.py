@@ -53,13 +53,19 @@ class AlphaBeta:
 def fit(sizes_bytes: Sequence[float], seconds: Sequence[float], ranks: int) -> AlphaBeta:
     """Least-squares α–β from allreduce times (one per message size) at ``ranks`` participants.
 
-    Needs two or more distinct sizes; a negative intercept (noise at tiny latencies) is clamped to 0."""
+    Needs two or more distinct sizes; a negative intercept (noise at tiny latencies) is clamped to 0.
+    When the times do not grow with size (latency-bound up to the largest message, or noise), the
+    slope says nothing: β is then bounded from the largest message alone (as if α were 0, so the
+    bandwidth is not overstated) and α from the smallest time."""
     n, t = np.asarray(sizes_bytes, dtype=float), np.asarray(seconds, dtype=float)
     if ranks < 2 or len(np.unique(n)) < 2 or len(n) != len(t):
         raise ValueError("an α–β fit needs at least 2 ranks and 2 distinct message sizes with one time each")
-    slope, intercept = np.polyfit(n, t, 1)
-    slope, intercept = max(float(slope), 1e-18), max(float(intercept), 0.0)
-    return AlphaBeta(intercept / (2 * (ranks - 1)), slope * ranks / (2 * (ranks - 1)))
+    hops, share = 2 * (ranks - 1), 2 * (ranks - 1) / ranks
+    slope, intercept = (float(v) for v in np.polyfit(n, t, 1))
+    if slope <= 0:
+        largest = int(np.argmax(n))
+        return AlphaBeta(float(t.min()) / hops, float(t[largest]) / (share * float(n[largest])))
+    return AlphaBeta(max(intercept, 0.0) / hops, slope / share)
 
 
 def efficiency(step_s: float, grad_bytes: float, nodes: int, link: AlphaBeta, overlap: float = 0.0) -> float:

@@ -222,6 +222,9 @@ def mpi_command(cfg: dict, ranks: int) -> list[str]:
     return [exe, *provenance.mpiexec_flags(), "-n", str(ranks)]
 
 
+_KEEP_SLURM = ("SLURM_JOB_ID", "SLURM_CONF", "SLURM_CLUSTER_NAME")
+
+
 def srun_command(cfg: dict, nodes: int) -> list[str]:
     """One rank per node of this SLURM allocation (``bench.srun``); Unavailable outside an allocation."""
     if not os.environ.get("SLURM_JOB_ID"):
@@ -259,7 +262,10 @@ def launch_worker(
     ]
     if ranks > 1:
         cmd = [*(launcher or mpi_command(cfg, ranks)), *cmd]
-    env = dict(os.environ)
+    # srun: a new step of the whole allocation, not of a step this process may run in. mpiexec: this node
+    # only; Open MPI takes SLURM_JOBID for an allocation it must read (and fails without SLURM_NODELIST).
+    keep = _KEEP_SLURM if launcher is not None else ("SLURM_CONF",)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_")) or k in keep}
     env.setdefault("OMP_NUM_THREADS", str(cfg["launch"]["threads_per_rank"]))
     env.setdefault("SRUN_CPUS_PER_TASK", str(cfg["launch"]["threads_per_rank"]))
     try:
