@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # medflow installer: the one recipe used by the README (`make setup`), CI and the container images.
-#   - system packages (OpenMPI, SLURM, munge, chromium for headless report checks) when root;
+#   - system packages (OpenMPI, SLURM, munge, iproute2 for the multi-node test cluster, chromium for
+#     headless report checks) when root;
 #     when not root, missing ones are named and the install stops;
 #   - a virtualenv with torch/torchvision, medflow and its dependencies;
 #   - Horovod 0.28.1 built from source against that torch (PyTorch + MPI + Gloo).
@@ -11,7 +12,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$here/.venv}
 py=${PYTHON:-python3}
 
-sys_pkgs=(openmpi-bin libopenmpi-dev slurm-wlm munge chromium fonts-dejavu-core procps)
+sys_pkgs=(openmpi-bin libopenmpi-dev slurm-wlm munge iproute2 chromium fonts-dejavu-core procps)
 missing=()
 for p in "${sys_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

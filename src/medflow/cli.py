@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-stain": ("medflow.extract.wsi.stain_reference", "fit a WSI cohort's stain normalisation reference"),
     "extract-wsi": ("medflow.extract.wsi.job", "extract labelled patches of one slide into an HDF5 shard"),
     "extract-hsi": ("medflow.extract.hsi.job", "calibrate/demosaic/correct/normalise one HSI image, extract patches"),
+    "extract-batch": ("medflow.extract.batch_job", "extract a batch of images (images_per_job): a shard + record each"),
     "index": ("medflow.extract.index", "build the cohort index from extraction records"),
     "plan-folds": ("medflow.train.splits", "patient-level nested cross-validation fold plan"),
     "train": ("medflow.train.fold", "train one (outer, inner) fold, data-parallel (Horovod or DDP)"),

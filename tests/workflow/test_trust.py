@@ -156,6 +156,27 @@ def test_swapped_shard_stops_training_and_verify_names_it(finished, tmp_path):
     assert f"shards/wsi_demo/{victim.name}: content differs from the index" in verify.stderr
 
 
+def test_slide_results_from_another_folds_model_are_named_by_verify(finished, tmp_path):
+    """A slide of outer fold 0 predicted again with outer fold 1's model, the fold's slide metrics redone
+    from it: every command succeeds, and `medflow verify` says which slide came from which model."""
+    work, res = copy_of(finished, tmp_path)
+    assert medflow("verify", str(res)).returncode == 0
+    wsi_dir = res / "runs" / "wsi_demo" / "outer0" / "wsi"
+    records = sorted(wsi_dir.glob("*.record.json"))
+    image_id = records[0].name.removesuffix(".record.json")
+    cfg = str(res / "config.yaml")
+    other = res / "runs" / "wsi_demo" / "outer1" / "model.pt"
+    proc = medflow("predict-wsi", "--config", cfg, "--model", str(other), "--cohort", "wsi_demo",
+                   "--image-ids", image_id, "--out-dir", str(wsi_dir), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = medflow("slide-metrics", "--config", cfg, "--study", "wsi_demo", "--outer", "0",
+                   "--records", *map(str, records), "--out", str(wsi_dir / "record.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    verify = medflow("verify", str(res))
+    assert verify.returncode == 3
+    assert f"slide {image_id} was predicted by another model than the fold's selected one" in verify.stderr
+
+
 def test_a_second_run_on_the_same_results_directory_is_refused(finished, tmp_path):
     results = tmp_path / "shared-results"
     cfg = {**CONFIG, "results": str(results)}

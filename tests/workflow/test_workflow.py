@@ -148,7 +148,8 @@ def test_stages_add_up_to_the_wall_time_and_every_slide_has_a_qc_image(demo_run)
 
 
 def test_tensorboard_has_scalar_series_for_every_fold_job(demo_run):
-    """`tensorboard --logdir results/<site>/runs`: one run per training job, named <study>/outer<i>/inner<j>."""
+    """`tensorboard --logdir results/<site>/runs`: one run per training job, named <study>/outer<i>/inner<j>
+    (and <study>/outer<i>/refit for the refit of each outer fold, trained without validation)."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
     _, res = demo_run
@@ -156,20 +157,24 @@ def test_tensorboard_has_scalar_series_for_every_fold_job(demo_run):
     mux = EventMultiplexer(size_guidance={"scalars": 0})
     mux.AddRunsFromDirectory(str(res / "runs"))
     mux.Reload()
-    jobs = sorted(str(p.parent.relative_to(res / "runs")) for p in (res / "runs").glob("*/outer*/inner*/record.json"))
-    assert len(jobs) == 8 and sorted(mux.Runs()) == jobs  # every fold job, nothing else
-    for run in jobs:
-        study = run.split("/")[0]
-        epochs = read_json(res / "runs" / run / "record.json")["epochs_run"]
-        assert epochs == cfg["studies"][study]["train"]["epochs"]
+    runs = res / "runs"
+    inner = sorted(str(p.parent.relative_to(runs)) for p in runs.glob("*/outer*/inner*/record.json"))
+    refit = sorted(str(p.parent.relative_to(runs)) for p in runs.glob("*/outer*/refit/record.json"))
+    assert len(inner) == 8 and len(refit) == 4 and sorted(mux.Runs()) == sorted(inner + refit)  # nothing else
+    for run in inner + refit:
+        study, record = run.split("/")[0], read_json(runs / run / "record.json")
+        epochs = record["epochs_run"]
+        assert epochs == (record["refit"]["epochs"] if run in refit else cfg["studies"][study]["train"]["epochs"])
         scalars = mux.Runs()[run]["scalars"]
-        for tag in ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/auc", "perf/img_per_s"):
+        tags = ("train/loss", "train/acc", "train/lr", "perf/img_per_s")
+        for tag in tags + (() if run in refit else ("val/loss", "val/acc", "val/auc")):
             assert [e.step for e in mux.Scalars(run, tag)] == list(range(epochs)), (run, tag)
-        assert {"batch/loss", "batch/lr", "batch/img_per_s", "perf/load_ms_per_patch", "model/val_oacc"} <= set(scalars)
-        with open(res / "runs" / run / "curves.csv") as fh:
+        assert {"batch/loss", "batch/lr", "batch/img_per_s", "perf/load_ms_per_patch"} <= set(scalars)
+        assert ("model/val_oacc" in scalars) == (run not in refit)
+        with open(runs / run / "curves.csv") as fh:
             losses = [float(r["train_loss"]) for r in csv.DictReader(fh)]
         assert [e.value for e in mux.Scalars(run, "train/loss")] == pytest.approx(losses)
-        assert read_json(res / "runs" / run / "record.json")["tracking"]["tensorboard"] is True
+        assert record["tracking"]["tensorboard"] is True
 
 
 def test_snakemake_report_shows_learning_curves_and_heatmaps(demo_run, tmp_path):

@@ -1,5 +1,11 @@
-# Node-throughput benchmark for site admins: `snakemake --profile slurm benchmark`.
+# Node-throughput benchmark for site admins: `snakemake --profile slurm benchmark`. With bench.nodes > 1 the
+# job spans that many nodes (one task each); the node-local measurements run on the first, the cross-node
+# allreduce on all of them (medflow.bench.workers, `bench.srun` inside the allocation). The `mpi` resource
+# makes the SLURM jobstep run the command in the batch script itself, not in a one-node `srun -n1` step
+# whose environment would confine the inner srun to that node ("Only allocated 1 nodes asked for 2").
 _BENCH_RANKS = config["bench"]["max_ranks"]
+_BENCH_NODES = config["bench"]["nodes"]
+_BENCH_MPI = {"mpi": config["bench"]["srun"]} if _BENCH_NODES > 1 else {}
 
 
 rule bench:
@@ -10,10 +16,12 @@ rule bench:
     container: CONTAINER
     threads: max(2, _BENCH_RANKS)
     resources:
-        tasks=1,
+        nodes=_BENCH_NODES,
+        tasks=_BENCH_NODES,
         cpus_per_task=max(2, _BENCH_RANKS),
         mem_mb=8000,
         runtime=60,
+        **_BENCH_MPI,
     shell:
         "medflow bench --config {CONFIG_FILE} --out {output} > {log} 2>&1"
 

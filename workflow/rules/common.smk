@@ -15,6 +15,7 @@ import medflow.core.fsio
 import medflow.core.lock
 import medflow.core.manifest
 import medflow.core.provenance
+import medflow.extract.batches
 import medflow.extract.job
 import medflow.train.splits
 
@@ -75,11 +76,10 @@ def release_results_lock() -> None:
         _RESULTS_LOCK.pop().release()
 
 
+@cache
 def extraction_hash(kind: str, cohort: str) -> str:
-    """Hash of the config sections that shape a shard (medflow.extract.job.config_sections, hashed_config)."""
-    return medflow.core.config.section_hash(
-        medflow.extract.job.hashed_config(config), *medflow.extract.job.config_sections(kind, cohort)
-    )
+    """Hash of the config sections that shape a shard (medflow.extract.job.config_hash)."""
+    return medflow.extract.job.config_hash(config, kind, cohort)
 
 
 def section_hash(*sections: str) -> str:
@@ -100,14 +100,40 @@ def cohort_entries(cohort: str) -> tuple:
     return tuple(medflow.core.manifest.read_manifest(manifest))
 
 
+@cache
+def _entries_by_id(cohort: str) -> dict:
+    return {e.image_id: e for e in cohort_entries(cohort)}
+
+
 def cohort_entry(cohort: str, image_id: str):
-    for e in cohort_entries(cohort):
-        if e.image_id == image_id:
-            return e
-    raise ValueError(f"no image {image_id!r} in cohort {cohort!r}")
+    """One manifest row (a dict lookup: a scan per job made 30,000-image DAGs quadratic)."""
+    entry = _entries_by_id(cohort).get(image_id)
+    if entry is None:
+        raise ValueError(f"no image {image_id!r} in cohort {cohort!r}")
+    return entry
+
+
+def images_per_job(kind: str) -> int:
+    return int(config[kind]["images_per_job"])
+
+
+@cache
+def cohort_batches(cohort: str) -> dict:
+    """Batch name → manifest rows, for kinds with images_per_job > 1 (medflow.extract.batches)."""
+    return medflow.extract.batches.split(cohort_entries(cohort), images_per_job(COHORTS[cohort]["kind"]))
+
+
+def batch_entries(cohort: str, batch: str) -> tuple:
+    batches = cohort_batches(cohort)
+    if batch not in batches:
+        raise ValueError(f"no batch {batch!r} in cohort {cohort!r} ({len(batches)} batches)")
+    return batches[batch]
 
 
 def extraction_records(cohort: str) -> list[str]:
+    """What the index reads: one record per image, or one batch record per batch of images."""
+    if images_per_job(COHORTS[cohort]["kind"]) > 1:
+        return [f"{RES}/shards/{cohort}/batches/{name}.json" for name in cohort_batches(cohort)]
     return [f"{RES}/shards/{cohort}/{e.image_id}.record.json" for e in cohort_entries(cohort)]
 
 
@@ -133,8 +159,14 @@ def check_study_plans() -> None:
         stop(exc)
 
 
-def mpi_launcher() -> str:
-    """Local launcher; the SLURM profile overrides resources.mpi with srun."""
+def mpi_launcher(wildcards=None) -> str:
+    """The ``mpi`` resource of a job with several ranks: ``launch.srun`` under the SLURM executor (when it
+    submits the job and inside the allocation, where srun starts one rank per task), else ``launch.mpiexec``
+    with medflow's flags. A callable, so it is evaluated per job, once the executor is known; a job of one
+    rank has no ``mpi`` resource at all (the SLURM plugin refuses MPI jobs of one task)."""
+    plugin = workflow.executor_plugin
+    if plugin is not None and plugin.name in ("slurm", "slurm-jobstep"):
+        return config["launch"]["srun"]
     return " ".join([shlex.quote(config["launch"]["mpiexec"]), *medflow.core.provenance.mpiexec_flags()])
 
 

@@ -5,7 +5,7 @@ rule index:
     input:
         lambda wc: extraction_records(wc.cohort),
     output:
-        f"{RES}/index/{{cohort}}.json",
+        update(f"{RES}/index/{{cohort}}.json"),
     wildcard_constraints:
         cohort="|".join(COHORTS),
     log:

@@ -4,7 +4,7 @@
 _WSI_STUDIES = [s for s, spec in STUDIES.items() if COHORTS[spec["cohort"]]["kind"] == "wsi"]
 _PW = config["predict_wsi"]
 if _PW["ranks"] > 1:
-    _PW_MPI = {"mpi": mpi_launcher()}
+    _PW_MPI = {"mpi": mpi_launcher}
     _PW_LAUNCHER = "SRUN_CPUS_PER_TASK={resources.cpus_per_task} {resources.mpi} -n {resources.tasks} "
 else:
     _PW_MPI, _PW_LAUNCHER = {}, ""
@@ -34,11 +34,11 @@ if _WSI_STUDIES:
             lambda wc: cohort_entry(STUDIES[wc.study]["cohort"], wc.image_id).files(),
             model=f"{RES}/runs/{{study}}/outer{{outer}}/model.pt",
         output:
-            record=f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.record.json",
-            npz=f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.npz",
-            png=f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.png",
-            geojson=f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.geojson",
-            csv=f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.csv",
+            record=update(f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.record.json"),
+            npz=update(f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.npz"),
+            png=update(f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.png"),
+            geojson=update(f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.geojson"),
+            csv=update(f"{RES}/runs/{{study}}/outer{{outer}}/wsi/{{image_id}}.csv"),
         wildcard_constraints:
             study="|".join(_WSI_STUDIES),
         params:
@@ -67,7 +67,7 @@ if _WSI_STUDIES:
                 image_id=wsi_test_slides(wc.study, int(wc.outer)),
             ),
         output:
-            record=f"{RES}/runs/{{study}}/outer{{outer}}/wsi/record.json",
+            record=update(f"{RES}/runs/{{study}}/outer{{outer}}/wsi/record.json"),
         wildcard_constraints:
             study="|".join(_WSI_STUDIES),
         log:
@@ -87,8 +87,8 @@ if _WSI_STUDIES:
             model=f"{RES}/runs/{{study}}/outer{{outer}}/model.pt",
             predictions=f"{RES}/runs/{{study}}/outer{{outer}}/predictions.npz",
         output:
-            record=f"{RES}/runs/{{study}}/outer{{outer}}/gradcam/record.json",
-            png=f"{RES}/runs/{{study}}/outer{{outer}}/gradcam/gradcam.png",
+            record=update(f"{RES}/runs/{{study}}/outer{{outer}}/gradcam/record.json"),
+            png=update(f"{RES}/runs/{{study}}/outer{{outer}}/gradcam/gradcam.png"),
         wildcard_constraints:
             study="|".join(_WSI_STUDIES),
         params:

@@ -24,13 +24,10 @@ if config["select"]["refit"]:
         container: CONTAINER
         threads: _LAUNCH["ranks"] * _LAUNCH["threads_per_rank"]
         resources:
-            tasks=_LAUNCH["ranks"],
-            nodes=_LAUNCH["nodes"],
-            cpus_per_task=_LAUNCH["threads_per_rank"],
             mem_mb_per_cpu=3000,
             runtime=240,
+            **_SHAPE,
             **_MPI,
-            **_GPU,
         shell:
             _LAUNCHER + "medflow train --config {CONFIG_FILE} --study {wildcards.study}"
             " --index {input.index} --folds {input.folds} --outer {wildcards.outer} --selection {input.selection}"

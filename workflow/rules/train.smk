@@ -1,4 +1,5 @@
-# One data-parallel training job per (study, outer, inner) fold: N ranks under mpiexec (local) or srun (SLURM).
+# One data-parallel training job per (study, outer, inner) fold: N ranks under mpiexec (local) or srun (SLURM),
+# on launch.nodes nodes with the same number of ranks on each (medflow.train.geometry: the SLURM shape).
 # Outputs are update(): Snakemake neither deletes them before a rerun nor keeps a failed job's (it restores
 # the previous ones), and the job replaces them atomically only when it succeeds — a failing rerun never
 # destroys good results (the same for every job that writes a record). checkpoint.pt is not an output: a
@@ -7,11 +8,13 @@
 # (medflow.train.tensorboard_log).
 # One rank runs without a launcher (the SLURM plugin rejects MPI jobs of one task). srun no longer passes the
 # job's --cpus-per-task on to its steps, hence SRUN_CPUS_PER_TASK (mpiexec ignores it).
+import medflow.train.geometry
+
 _LAUNCH = config["launch"]
-_GPU = {"gpu": _LAUNCH["nodes"] * _LAUNCH["gpus_per_node"]} if _LAUNCH["gpus_per_node"] > 0 else {}
+_SHAPE = medflow.train.geometry.slurm_resources(_LAUNCH)
 if _LAUNCH["ranks"] > 1:
-    _MPI = {"mpi": mpi_launcher()}
-    _LAUNCHER = "SRUN_CPUS_PER_TASK={resources.cpus_per_task} {resources.mpi} -n {resources.tasks} "
+    _MPI = {"mpi": mpi_launcher}
+    _LAUNCHER = f"SRUN_CPUS_PER_TASK={{resources.cpus_per_task}} {{resources.mpi}} -n {_LAUNCH['ranks']} "
 else:
     _MPI, _LAUNCHER = {}, ""
 
@@ -42,13 +45,10 @@ rule train:
     container: CONTAINER
     threads: _LAUNCH["ranks"] * _LAUNCH["threads_per_rank"]
     resources:
-        tasks=_LAUNCH["ranks"],
-        nodes=_LAUNCH["nodes"],
-        cpus_per_task=_LAUNCH["threads_per_rank"],
         mem_mb_per_cpu=3000,
         runtime=240,
+        **_SHAPE,
         **_MPI,
-        **_GPU,
     shell:
         _LAUNCHER + "medflow train --config {CONFIG_FILE} --study {wildcards.study}"
         " --index {input.index} --folds {input.folds} --outer {wildcards.outer} --inner {wildcards.inner}"

@@ -21,6 +21,8 @@ UNITS = {
     "algbw_gb_per_s": "GB/s",
     "busbw_gb_per_s": "GB/s",
     "latency_ms": "ms",
+    "alpha_us": "µs",
+    "efficiency": "fraction",
 }
 
 

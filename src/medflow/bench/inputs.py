@@ -129,3 +129,18 @@ def write_hsi(directory: Path, rng: np.random.Generator, height: int, width: int
         white=str(paths["white"]),
         dark=str(paths["dark"]),
     )
+
+
+def write_placeholder_cohort(root: str | os.PathLike, slides: int, slides_per_patient: int = 3) -> Path:
+    """A WSI manifest of ``slides`` empty slide files (``s0000000.svs``…), for dry runs only: Snakemake
+    needs the inputs to exist to plan a DAG, never reads them. Returns the manifest path."""
+    root = Path(root)
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    lines = ["image_id,patient_id,image"]
+    for i in range(slides):
+        name = f"s{i:07d}"
+        (root / "slides" / f"{name}.svs").touch()
+        lines.append(f"{name},p{i // slides_per_patient:07d},slides/{name}.svs")
+    manifest = root / "manifest.csv"
+    fsio.write_text(manifest, "\n".join(lines) + "\n")
+    return manifest

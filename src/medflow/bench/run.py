@@ -2,7 +2,9 @@
 
 Measurement groups (each an independent function, run for about ``bench.seconds``; ``--quick`` shortens them):
 ``wsi``, ``hsi``, ``hdf5`` (node-local: `medflow.bench.local`), ``train`` and ``allreduce`` (ranks under
-the launcher: `medflow.bench.workers`). Results: one JSON per node (format ``medflow-bench/1``) with the
+the launcher: `medflow.bench.workers`; across the nodes of the allocation too with ``bench.nodes`` > 1).
+With both ``train`` and ``allreduce``, ``predict.<model>.efficiency.n<N>`` is the α–β model's N-node
+scaling efficiency of each model (`medflow.bench.prediction`). Results: one JSON per node (format ``medflow-bench/1``) with the
 site identity, software versions and a flat ``metrics`` map. ``--check`` compares each metric named in
 ``bench.references[<site>]`` with its ReFrame-style band (`medflow.bench.check`) and exits 3 naming
 every metric outside its band (or not measured).
@@ -25,6 +27,7 @@ from ..core.errors import InputError
 from ..core.records import now_iso
 from .check import CHECK_FAILED, check, report_check, site_references, unit_of
 from .local import measure_hdf5, measure_hsi, measure_wsi
+from .prediction import predictions
 from .timing import Unavailable
 from .workers import measure_allreduce, measure_train, worker_allreduce, worker_train
 
@@ -76,6 +79,12 @@ def run_bench(
                 result["skipped"].update({f"{group}.{k}": v for k, v in out["skipped"].items()})
             for name, value in out["metrics"].items():
                 progress(f"bench {name} = {value:.4g} {unit_of(name)}")
+    predicted = predictions(result, cfg)
+    if predicted is not None:
+        result["metrics"].update(predicted["metrics"])
+        result["details"]["predict"] = predicted["details"]
+        for name, value in predicted["metrics"].items():
+            progress(f"bench {name} = {value:.4g} {unit_of(name)}")
     result["units"] = {name: unit_of(name) for name in result["metrics"]}
     result["finished"], result["wall_s"] = now_iso(), time.perf_counter() - t0
     return result

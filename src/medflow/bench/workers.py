@@ -1,6 +1,10 @@
 """Distributed measurements of `medflow bench`: training images/s per device for 1..N ranks and allreduce
 bandwidth, each run as ranks of this command's worker mode under the launcher (`mpiexec -n r` locally),
-through the training jobs' own data-parallel path (`medflow.train.dist`, Horovod or DDP)."""
+through the training jobs' own data-parallel path (`medflow.train.dist`, Horovod or DDP).
+
+The allreduce worker times a sweep of message sizes and fits the α–β model (`medflow.bench.scaling`).
+With ``bench.nodes`` > 1, inside a SLURM allocation of that many nodes, it also runs one rank per node
+(``bench.srun``), which measures the node interconnect."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from ..core.seeds import stream_seed
 from ..train import dist, models
 from ..train.optim import make_optimizer, scaled_lr
 from ..train.trainer import Trainer
+from . import scaling
 from .timing import Unavailable
 
 
@@ -143,49 +148,69 @@ def worker_train(cfg: dict, model_name: str, seconds: float, out: Path, ranks: i
                 "seconds": elapsed,
                 "img_per_s": steps * spec["batch"] * d.size / elapsed,
                 "img_per_s_per_device": steps * spec["batch"] / elapsed,
+                "step_s": elapsed / steps,
+                # what each step allreduces: the gradients of the trainable parameters
+                "grad_bytes": sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad),
             },
         )
     d.shutdown()
 
 
+def sweep_sizes(largest_bytes: int) -> list[int]:
+    """Message sizes of the allreduce sweep: latency- to bandwidth-bound, up to ``bench.allreduce_mb``."""
+    return sorted({max(4096, largest_bytes // k // 4 * 4) for k in (256, 32, 4, 1)})
+
+
 def worker_allreduce(cfg: dict, seconds: float, out: Path, ranks: int | None = None) -> None:
-    """One rank of the allreduce bandwidth test: in-place sum of a float32 buffer of ``bench.allreduce_mb`` MB
-    with the configured backend's allreduce (Horovod, or torch.distributed gloo/NCCL)."""
+    """One rank of the allreduce bandwidth test: in-place sums of float32 buffers up to ``bench.allreduce_mb``
+    MB with the configured backend's allreduce (Horovod, or torch.distributed gloo/NCCL); the headline
+    numbers are those of the largest size, the sweep gives the α–β fit."""
     d = _dist_context(cfg, ranks)
     if d.size < 2:
         d.shutdown()
         raise InputError(None, "the allreduce worker needs at least 2 ranks")
-    n = int(float(cfg["bench"]["allreduce_mb"]) * 1e6 / 4)
-    buf = torch.ones(n, dtype=torch.float32, device=d.device)
-    if d.backend == "horovod":
-        import horovod.torch as hvd
-
-        op = lambda: hvd.allreduce_(buf, op=hvd.Sum, name="medflow.bench.allreduce")  # noqa: E731
-        library = "horovod"
-    else:
-        import torch.distributed as td
-
-        op = lambda: td.all_reduce(buf)  # noqa: E731
-        library = f"torch.distributed/{td.get_backend()}"
-    steps, elapsed = _timed_steps(d, op, seconds, min_steps=5)
+    layout = d.layout()
+    largest = int(float(cfg["bench"]["allreduce_mb"]) * 1e6 / 4) * 4
+    sizes = sweep_sizes(largest)
+    sweep = []
+    for nbytes in sizes:
+        buf = torch.ones(nbytes // 4, dtype=torch.float32, device=d.device)
+        op, library = _allreduce_op(d, buf)
+        steps, elapsed = _timed_steps(d, op, seconds / len(sizes), min_steps=5)
+        sweep.append({"bytes": nbytes, "steps": steps, "seconds": elapsed, "s_per_op": elapsed / steps})
     if d.is_root:
-        nbytes = n * 4
-        algbw = nbytes * steps / elapsed / 1e9
+        top = sweep[-1]
+        algbw = top["bytes"] * top["steps"] / top["seconds"] / 1e9
+        fit = scaling.fit([r["bytes"] for r in sweep], [r["s_per_op"] for r in sweep], d.size)
         fsio.write_json(
             out,
             {
                 "ranks": d.size,
-                "bytes": nbytes,
-                "steps": steps,
-                "seconds": elapsed,
+                "nodes": layout["nodes"],
+                "hosts": layout["hosts"],
+                "bytes": top["bytes"],
+                "steps": top["steps"],
+                "seconds": top["seconds"],
                 "device": d.devices[0] if d.devices else "cpu",
                 "backend": library,
                 "algbw_gb_per_s": algbw,
                 "busbw_gb_per_s": algbw * 2 * (d.size - 1) / d.size,
-                "latency_ms": 1000 * elapsed / steps,
+                "latency_ms": 1000 * top["seconds"] / top["steps"],
+                "sweep": sweep,
+                "fit": {"alpha_us": fit.alpha_s * 1e6, "busbw_gb_per_s": fit.busbw_gb_per_s},
             },
         )
     d.shutdown()
+
+
+def _allreduce_op(d: Any, buf: torch.Tensor) -> tuple[Callable[[], Any], str]:
+    if d.backend == "horovod":
+        import horovod.torch as hvd
+
+        return lambda: hvd.allreduce_(buf, op=hvd.Sum, name=f"medflow.bench.allreduce.{buf.numel()}"), "horovod"
+    import torch.distributed as td
+
+    return lambda: td.all_reduce(buf), f"torch.distributed/{td.get_backend()}"
 
 
 # ---- launching workers ------------------------------------------------------------------------------
@@ -197,8 +222,30 @@ def mpi_command(cfg: dict, ranks: int) -> list[str]:
     return [exe, *provenance.mpiexec_flags(), "-n", str(ranks)]
 
 
-def launch_worker(cfg_path: Path, cfg: dict, ranks: int, worker_args: list[str], out: Path, timeout: float) -> dict:
-    """Run this command's worker mode on ``ranks`` ranks (plain subprocess for 1) and read rank 0's JSON."""
+_KEEP_SLURM = ("SLURM_JOB_ID", "SLURM_CONF", "SLURM_CLUSTER_NAME")
+
+
+def srun_command(cfg: dict, nodes: int) -> list[str]:
+    """One rank per node of this SLURM allocation (``bench.srun``); Unavailable outside an allocation."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        raise Unavailable(f"bench.nodes = {nodes} measures across a SLURM allocation of {nodes} nodes; not in one")
+    srun = cfg["bench"]["srun"].split()
+    if shutil.which(srun[0]) is None:
+        raise Unavailable(f"{srun[0]!r} (bench.srun) not on PATH")
+    return [*srun, "-N", str(nodes), "-n", str(nodes), "--ntasks-per-node=1"]
+
+
+def launch_worker(
+    cfg_path: Path,
+    cfg: dict,
+    ranks: int,
+    worker_args: list[str],
+    out: Path,
+    timeout: float,
+    launcher: list[str] | None = None,
+) -> dict:
+    """Run this command's worker mode on ``ranks`` ranks (plain subprocess for 1, else ``launcher``, by
+    default the local ``mpiexec -n ranks``) and read rank 0's JSON."""
     cmd = [
         sys.executable,
         "-m",
@@ -214,9 +261,13 @@ def launch_worker(cfg_path: Path, cfg: dict, ranks: int, worker_args: list[str],
         str(out),
     ]
     if ranks > 1:
-        cmd = [*mpi_command(cfg, ranks), *cmd]
-    env = dict(os.environ)
+        cmd = [*(launcher or mpi_command(cfg, ranks)), *cmd]
+    # srun: a new step of the whole allocation, not of a step this process may run in. mpiexec: this node
+    # only; Open MPI takes SLURM_JOBID for an allocation it must read (and fails without SLURM_NODELIST).
+    keep = _KEEP_SLURM if launcher is not None else ("SLURM_CONF",)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_")) or k in keep}
     env.setdefault("OMP_NUM_THREADS", str(cfg["launch"]["threads_per_rank"]))
+    env.setdefault("SRUN_CPUS_PER_TASK", str(cfg["launch"]["threads_per_rank"]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -266,15 +317,31 @@ def measure_train(cfg: dict, seconds: float, scratch: Path, quick: bool, cfg_pat
 
 
 def measure_allreduce(cfg: dict, seconds: float, scratch: Path, quick: bool, cfg_path: Path) -> dict[str, Any]:
-    res = launch_worker(
-        cfg_path,
-        cfg,
-        2,
-        ["allreduce", "--seconds", str(seconds)],
-        scratch / "allreduce.json",
-        timeout=120 + 10 * seconds,
-    )
-    return {
-        "metrics": {f"allreduce.{k}": res[k] for k in ("algbw_gb_per_s", "busbw_gb_per_s", "latency_ms")},
-        "details": res,
+    """2 ranks on this node (``allreduce.*``), and one rank per node of the allocation when ``bench.nodes``
+    > 1 (``allreduce.internode.*``); each with the α–β fit of its sweep (``….fit.alpha_us``, ``….fit.busbw_gb_per_s``)."""
+    runs = {
+        "": launch_worker(
+            cfg_path, cfg, 2, ["allreduce", "--seconds", str(seconds)], scratch / "allreduce.json", 120 + 10 * seconds
+        )
     }
+    skipped = {}
+    nodes = int(cfg["bench"]["nodes"])
+    if nodes > 1:
+        try:
+            runs["internode."] = launch_worker(
+                cfg_path,
+                cfg,
+                nodes,
+                ["allreduce", "--seconds", str(seconds)],
+                scratch / "allreduce_internode.json",
+                180 + 10 * seconds,
+                launcher=srun_command(cfg, nodes),
+            )
+        except Unavailable as exc:
+            skipped["internode"] = str(exc)
+    metrics = {}
+    for prefix, res in runs.items():
+        metrics.update({f"allreduce.{prefix}{k}": res[k] for k in ("algbw_gb_per_s", "busbw_gb_per_s", "latency_ms")})
+        metrics.update({f"allreduce.{prefix}fit.{k}": v for k, v in res["fit"].items()})
+    details = {**runs[""], **({"internode": runs["internode."]} if "internode." in runs else {})}
+    return {"metrics": metrics, "details": details, **({"skipped": skipped} if skipped else {})}

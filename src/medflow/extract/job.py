@@ -59,14 +59,23 @@ def config_sections(kind: str, cohort: str) -> tuple[str, ...]:
     return (kind, "shards", f"cohorts.{cohort}")
 
 
-def hashed_config(cfg: dict) -> dict:
-    """``cfg`` as the extraction config hash sees it: without ``wsi.stain``. A shard depends on stain
-    normalisation only through the reference's digest (``params.stain`` of its inputs), so a normaliser
-    applied at load time, or a refit giving the same reference, never re-extracts."""
-    wsi = cfg.get("wsi")
-    if not isinstance(wsi, dict) or "stain" not in wsi:
-        return cfg
-    return {**cfg, "wsi": {k: v for k, v in wsi.items() if k != "stain"}}
+#: Keys of the ``<kind>`` section that say how jobs are scheduled, not what a shard holds: changing them
+#: never invalidates a shard (the config hash is taken without them).
+SCHEDULING_KEYS = ("images_per_job",)
+
+
+def hashed_config(cfg: dict, kind: str) -> dict:
+    """``cfg`` as a shard's config hash sees it: its ``kind`` section without the scheduling keys, nor
+    ``wsi.stain``. A shard depends on stain normalisation only through the reference's digest
+    (``params.stain`` of its inputs), so a normaliser applied at load time, or a refit giving the same
+    reference, never re-extracts."""
+    dropped = (*SCHEDULING_KEYS, "stain") if kind == "wsi" else SCHEDULING_KEYS
+    return {**cfg, kind: {k: v for k, v in (cfg.get(kind) or {}).items() if k not in dropped}}
+
+
+def config_hash(cfg: dict, kind: str, cohort: str) -> str:
+    """The config hash of a shard of ``kind`` in ``cohort`` (what the Snakefile passes as a param, too)."""
+    return config_mod.section_hash(hashed_config(cfg, kind), *config_sections(kind, cohort))
 
 
 def fingerprint(files: dict[str, str], params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -140,7 +149,7 @@ def run(
     names = config_mod.class_names(cfg, target.kind)
     record = JobRecord(
         target.job,
-        hashed_config(cfg),
+        hashed_config(cfg, target.kind),
         config_sections(target.kind, target.cohort),
         image_id=target.entry.image_id,
         patient_id=target.entry.patient_id,

@@ -92,6 +92,7 @@ def fold_results(recs: Sequence[dict[str, Any]], threshold: float) -> dict[str, 
                 "lesions": r["lesions"]["n_lesions"],
                 "detections": r.get("detections"),
                 "heatmap": (r.get("outputs") or {}).get("png"),
+                "model_sha256": r.get("model_sha256"),
             }
             for r in recs
         ],

@@ -230,6 +230,39 @@ def audit_runs(audit: Audit, cfg: dict, indexes: dict[str, dict], plans: dict[st
                 audit_job(audit, base / "refit" / "test" / "record.json", "test", plan, index, outer, None)
             if cfg["cohorts"][spec["cohort"]]["kind"] == "hsi":
                 audit_job(audit, base / "maps" / "record.json", "predict-hsi", None, None, outer, None)
+            elif index is not None:
+                audit_slide_results(audit, base, plan, index, outer)
+
+
+def audit_slide_results(audit: Audit, base: Path, plan: dict, index: dict, outer: int) -> None:
+    """A WSI outer fold's slide-level results: exactly the test patients' slides, each predicted by the
+    model that fold selected (the digest its select record names), each slide record as listed."""
+    path = base / "wsi" / "record.json"
+    rec, select = _read(path), _read(base / "record.json")
+    if rec is None or rec.get("status") != "ok":
+        audit.problem("jobs", path, "missing or unfinished slide-metrics record")
+        return
+    try:
+        test = set(fold_patients(plan, outer, None)["test"])
+    except InputError as exc:
+        audit.problem("jobs", path, exc.problem)
+        return
+    expected = sorted(e["image_id"] for e in index["shards"] if e["patient_id"] in test)
+    rows = rec.get("slides") or []
+    problems = []
+    if sorted(r["image_id"] for r in rows) != expected:
+        problems.append(f"slides {sorted(r['image_id'] for r in rows)} are not the fold's test slides {expected}")
+    model = (((select or {}).get("outputs") or {}).get("model.pt") or {}).get("sha256")
+    for row in rows:
+        if row.get("model_sha256") != model:
+            problems.append(f"slide {row['image_id']} was predicted by another model than the fold's selected one")
+        slide = _read(base / "wsi" / f"{row['image_id']}.record.json")
+        if slide is None or (slide.get("slide") or {}).get("score") != row["score"]:
+            problems.append(f"slide {row['image_id']}: its record is missing or gives another score")
+    for what in problems:
+        audit.problem("jobs", path, what)
+    if not problems:
+        audit.ok("jobs")
 
 
 def audit_site(site_dir: str | Path, cfg: dict | None = None, rehash: bool = True) -> dict[str, Any]:

@@ -5,19 +5,20 @@ who it is from the launcher's environment and hides the backend behind one small
 
 - ``horovod``: ``hvd.init()``, ``hvd.DistributedOptimizer`` (allreduce-averaged gradients),
   ``broadcast_parameters`` + ``broadcast_optimizer_state`` from rank 0, metrics via allreduce.
-- ``ddp``: ``torch.distributed`` (gloo on CPU, NCCL on GPU). The rendezvous address and port are
-  chosen by rank 0 and broadcast with mpi4py, so the same command works under mpiexec and srun
-  without MASTER_ADDR/MASTER_PORT plumbing. Gradients are averaged by ``DistributedDataParallel``.
+- ``ddp``: ``torch.distributed`` (gloo on CPU, NCCL on GPU). The ranks agree over mpi4py on rank 0's
+  address and port and on each rank's socket interface (`medflow.train.rendezvous`: no host names
+  needed), so the same command works under mpiexec and srun, on one node or many, without
+  MASTER_ADDR/MASTER_PORT plumbing. Gradients are averaged by ``DistributedDataParallel``.
 - one process (no launcher, or a launcher with one task): no communication at all.
 
-Every rank pins the GPU of its local rank and limits its intra-op threads.
+Every rank pins the GPU of its local rank and limits its intra-op threads. ``Dist.layout`` says where
+the ranks ran (hosts, ranks per node, local ranks, interfaces) for the job record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.provenance import short_host
+from . import rendezvous
 from .models import unwrap
 
 BACKENDS = ("horovod", "ddp")
@@ -62,24 +65,6 @@ def set_threads(threads: int) -> None:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-def _rendezvous_host() -> str:
-    """An address of this node that other nodes can reach (MEDFLOW_RDZV_HOST overrides)."""
-    host = os.environ.get("MEDFLOW_RDZV_HOST")
-    if host:
-        return host
-    name = socket.gethostname()
-    try:
-        return socket.gethostbyname(name)
-    except OSError:
-        return name
-
-
 @dataclass
 class Dist:
     """The data-parallel context of this process. Use ``init`` to create it."""
@@ -90,6 +75,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _hvd: Any = None
+    rendezvous: rendezvous.Rendezvous | None = None  # DDP: where the ranks met
 
     @property
     def is_root(self) -> bool:
@@ -104,6 +90,30 @@ class Dist:
         if self.device.type == "cuda":
             return [f"{torch.cuda.get_device_name(self.device)} (cuda:{self.device.index})"]
         return []
+
+    def layout(self) -> dict[str, Any]:
+        """Where the ranks run (collective): node count, hosts, ranks per host, and per rank its host,
+        local rank, device and socket interface; for DDP also the rendezvous address and how it was chosen."""
+        me = {
+            "rank": self.rank,
+            "host": short_host(),
+            "local_rank": self.local_rank,
+            "device": str(self.device),
+            "interface": self.rendezvous.interface if self.rendezvous else None,
+        }
+        per_rank = sorted(self.allgather_object(me), key=lambda row: int(row["rank"]))
+        hosts = list(dict.fromkeys(row["host"] for row in per_rank))
+        out: dict[str, Any] = {
+            "nodes": len(hosts),
+            "hosts": hosts,
+            "ranks_per_node": [sum(row["host"] == host for row in per_rank) for host in hosts],
+            "local_ranks": [row["local_rank"] for row in per_rank],
+            "per_rank": per_rank,
+        }
+        if self.rendezvous is not None:
+            rdzv = self.rendezvous
+            out["rendezvous"] = {"address": rdzv.address, "port": rdzv.port, "source": rdzv.source}
+        return out
 
     # -- model and optimiser ---------------------------------------------------------------------
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -270,14 +280,14 @@ def _init_ddp(rank: int, size: int, local_rank: int, threads: int) -> Dist:
     rank, size = comm.Get_rank(), comm.Get_size()  # MPI's view is authoritative under any launcher
     set_threads(threads)
     device = _pick_device(local_rank)
-    address = comm.bcast((_rendezvous_host(), _free_port()) if rank == 0 else None, root=0)
+    meet = rendezvous.agree(comm)  # also sets GLOO_/NCCL_SOCKET_IFNAME unless the user did
     td.init_process_group(
         "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://{address[0]}:{address[1]}",
+        init_method=f"tcp://{meet.address}:{meet.port}",
         rank=rank,
         world_size=size,
     )
-    return Dist("ddp", rank, size, local_rank, device)
+    return Dist("ddp", rank, size, local_rank, device, rendezvous=meet)
 
 
 def init(backend: str, threads_per_rank: int = 1, env: dict[str, str] | None = None) -> Dist:

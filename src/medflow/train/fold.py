@@ -352,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
         devices = [dev for part in d.allgather_object(d.devices) for dev in part]
         record["launch"] = provenance.launch_info(d.backend, d.size, devices)
         record["launch"]["backend_requested"] = launch["backend"]
+        record["launch"].update(d.layout())  # nodes, hosts, ranks per node, per-rank host/local rank
         if refit is not None:
             record["refit"] = {
                 "selection": os.path.relpath(args.selection, job.out_dir),

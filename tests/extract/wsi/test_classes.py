@@ -68,9 +68,10 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_classes_slide(tmp_path_factory.mktemp("classes"))
 
 
-def write_classes_slide(d: Path) -> dict[str, Path]:
-    """A textured pyramid with three classes' regions as nested ASAP XML and as GeoJSON (+ one unmapped)."""
-    rng = np.random.default_rng(11)
+def write_classes_slide(d: Path, seed: int = 11) -> dict[str, Path]:
+    """A textured pyramid with three classes' regions as nested ASAP XML and as GeoJSON (+ one unmapped);
+    ``seed`` draws the texture (distinct slides for distinct patients)."""
+    rng = np.random.default_rng(seed)
     rgb = np.full((H, W, 3), 242, np.uint8)
     rgb[MARGIN : H - MARGIN, MARGIN : W - MARGIN] = rng.integers(0, 60, (H - 2 * MARGIN, W - 2 * MARGIN, 3)) + np.array(
         [170, 90, 140], np.uint8

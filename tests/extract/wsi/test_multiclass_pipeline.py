@@ -23,18 +23,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def slide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_classes_slide(tmp_path_factory.mktemp("classes"))
+def slides(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Path]]:
+    """One slide per patient: the same regions, its own texture (one image for two patients is refused)."""
+    return [write_classes_slide(tmp_path_factory.mktemp(f"classes{i}"), seed=11 + i) for i in range(4)]
 
 
 def _medflow(*argv: str) -> None:
     assert cli.main(list(argv)) == 0, argv
 
 
-def test_three_classes_from_extraction_to_the_report(slide, default_cfg, tmp_path) -> None:
-    patients = [f"P{i}" for i in range(4)]
-    rows = [{"image_id": f"s{i}", "patient_id": p, "image": slide["slide"], "annotation": slide["xml"]}
-            for i, p in enumerate(patients)]  # fmt: skip
+def test_three_classes_from_extraction_to_the_report(slides, default_cfg, tmp_path) -> None:
+    rows = [{"image_id": f"s{i}", "patient_id": f"P{i}", "image": slide["slide"], "annotation": slide["xml"]}
+            for i, slide in enumerate(slides)]  # fmt: skip
     labels = {"classes": CLASSES, "groups": GROUPS, "background": "normal"}
     cfg = _cohort_cfg(default_cfg, tmp_path, rows, mpp=1.0, patch_size=32, labels=labels, sampling={"per_class": 12})
     cfg["studies"] = {

@@ -253,6 +253,11 @@ def test_extraction_stores_normalised_patches_and_depends_on_the_reference_diges
     assert attrs["inputs"]["params"]["stain"] == norm.digest
     record = json.loads((tmp_path / "norm.record.json").read_text())
     assert record["stain"]["digest"] == norm.digest and record["concurrent_s"]["stain"] > 0  # in the writer thread
+    # A batch job (wsi.images_per_job > 1, `extract-batch`) passes the reference on: the same shard.
+    batch = ["extract-batch", "--config", str(config), "--cohort", "c", "--images", "cmu"]
+    batch += ["--out-dir", str(tmp_path / "batch"), "--record", str(tmp_path / "batch" / "b.json")]
+    assert cli.main([*batch, "--stain", str(ref)]) == 0
+    np.testing.assert_array_equal(_shard(tmp_path / "batch" / "cmu.h5")[0], normed)
     # Training refuses shards prepared otherwise than its config says (raw for load-time normalisation).
     check_shards([str(tmp_path / "norm.h5")], norm.digest)
     with pytest.raises(InputError, match=f"norm.h5: patches are normalised with stain reference {norm.digest}"):
