@@ -159,13 +159,21 @@ def check_study_plans() -> None:
         stop(exc)
 
 
-def mpi_launcher(wildcards=None) -> str:
-    """The ``mpi`` resource of a job with several ranks: ``launch.srun`` under the SLURM executor (when it
-    submits the job and inside the allocation, where srun starts one rank per task), else ``launch.mpiexec``
-    with medflow's flags. A callable, so it is evaluated per job, once the executor is known; a job of one
-    rank has no ``mpi`` resource at all (the SLURM plugin refuses MPI jobs of one task)."""
+def under_slurm_executor() -> bool:
+    """Whether this Snakemake submits jobs to SLURM, or runs one of them inside its allocation: the
+    jobstep's own Snakemake, and the one it starts to run the job (local executor, remote mode)."""
     plugin = workflow.executor_plugin
     if plugin is not None and plugin.name in ("slurm", "slurm-jobstep"):
+        return True
+    return workflow.remote_exec and "SLURM_JOB_ID" in os.environ
+
+
+def mpi_launcher(wildcards=None) -> str:
+    """The ``mpi`` resource of a job with several ranks: ``launch.srun`` under the SLURM executor (srun
+    starts one rank per task of the allocation), else ``launch.mpiexec`` with medflow's flags. A callable,
+    so it is evaluated per job once the executor is known; a job of one rank has no ``mpi`` resource at
+    all (the SLURM plugin refuses MPI jobs of one task)."""
+    if under_slurm_executor():
         return config["launch"]["srun"]
     return " ".join([shlex.quote(config["launch"]["mpiexec"]), *medflow.core.provenance.mpiexec_flags()])
 
