@@ -70,8 +70,9 @@ def snakemake(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def medflow(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "medflow"), *args], capture_output=True, text=True, timeout=timeout)
+def medflow(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a medflow command; `cwd` is the workflow directory where a config's relative paths resolve."""
+    return subprocess.run([str(VENV_BIN / "medflow"), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +168,10 @@ def test_slide_results_from_another_folds_model_are_named_by_verify(finished, tm
     cfg = str(res / "config.yaml")
     other = res / "runs" / "wsi_demo" / "outer1" / "model.pt"
     proc = medflow("predict-wsi", "--config", cfg, "--model", str(other), "--cohort", "wsi_demo",
-                   "--image-ids", image_id, "--out-dir", str(wsi_dir), "--quiet")  # fmt: skip
+                   "--image-ids", image_id, "--out-dir", str(wsi_dir), "--quiet", cwd=work)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     proc = medflow("slide-metrics", "--config", cfg, "--study", "wsi_demo", "--outer", "0",
-                   "--records", *map(str, records), "--out", str(wsi_dir / "record.json"))  # fmt: skip
+                   "--records", *map(str, records), "--out", str(wsi_dir / "record.json"), cwd=work)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     verify = medflow("verify", str(res))
     assert verify.returncode == 3
