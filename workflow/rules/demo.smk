@@ -14,9 +14,10 @@ if "synth" in config:
         log:
             f"{RES}/logs/synth.log",
         container: CONTAINER
+        threads: 2
         resources:
-            cpus_per_task=1,
+            cpus_per_task=2,
             mem_mb=4000,
             runtime=30,
         shell:
-            "medflow synth --config {CONFIG_FILE} > {log} 2>&1"
+            "medflow synth --config {CONFIG_FILE} --workers {threads} > {log} 2>&1"

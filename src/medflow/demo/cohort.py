@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,20 +99,34 @@ def _write_png(path: str | Path, array: np.ndarray) -> None:
     fsio.write_bytes(path, buf.getvalue())
 
 
-def write_cohort(cfg: dict, only: str | None = None) -> dict[str, float]:
-    """Write the whole demo cohort. Existing identical files are simply rewritten (deterministic)."""
+def _write_slide(seed: int, wsi_cfg: dict, entry: ImageEntry) -> None:
+    rgb, polygons = make_slide(
+        rng_for(seed, "wsi", entry.image_id),
+        wsi_cfg["width"],
+        wsi_cfg["height"],
+        wsi_cfg["mpp"],
+        with_tumour=entry.label != "normal",
+    )
+    write_pyramid_tiff(entry.image, rgb, wsi_cfg["mpp"])
+    write_asap_xml(entry.annotation, {"metastases": polygons})
+
+
+def write_cohort(cfg: dict, only: str | None = None, workers: int = 1) -> dict[str, float]:
+    """Write the whole demo cohort. Existing identical files are simply rewritten (deterministic).
+
+    Each slide has its own random stream, so ``workers`` processes write the same files as one."""
     seed, out = cfg["seed"], Path(cfg["synth"]["out"])
     entries = plan(cfg)
     timings = {}
     if only in (None, "wsi"):
         t0 = time.perf_counter()
         wc = cfg["synth"]["wsi"]
-        for e in entries["wsi"]:
-            rgb, polygons = make_slide(
-                rng_for(seed, "wsi", e.image_id), wc["width"], wc["height"], wc["mpp"], with_tumour=e.label != "normal"
-            )
-            write_pyramid_tiff(e.image, rgb, wc["mpp"])
-            write_asap_xml(e.annotation, {"metastases": polygons})
+        if workers > 1:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                list(pool.map(_write_slide, [seed] * len(entries["wsi"]), [wc] * len(entries["wsi"]), entries["wsi"]))
+        else:
+            for e in entries["wsi"]:
+                _write_slide(seed, wc, e)
         write_manifest(manifest_path(cfg, "wsi"), entries["wsi"])
         timings["wsi_s"] = time.perf_counter() - t0
     if only in (None, "hsi"):
@@ -140,13 +156,14 @@ def write_cohort(cfg: dict, only: str | None = None) -> dict[str, float]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--only", choices=["wsi", "hsi"], help="write only one modality")
+    p.add_argument("--workers", type=int, default=1, help="processes writing slides in parallel (same files)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     if "synth" not in cfg:
         raise InputError(args.config, "no 'synth' section: the demo cohort is not configured")
-    timings = write_cohort(cfg, args.only)
+    timings = write_cohort(cfg, args.only, max(1, args.workers))
     counts = {k: len(v) for k, v in plan(cfg).items()}
     print(
         f"synth: wrote {counts} images to {cfg['synth']['out']} in "

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from ..core import fsio
@@ -163,6 +162,10 @@ def _first_conv(in_channels: int, like: nn.Conv2d) -> nn.Conv2d:
 
 
 def _torchvision_net(cfg: dict, n_classes: int, in_channels: int) -> nn.Module:
+    # Imported here: `import torchvision` costs ~1.2 s (it pulls in torch._dynamo), paid by every rank of
+    # every job at start-up, while conv2dnet jobs (HSI) never need it.
+    import torchvision
+
     name, heads, dropout = cfg["name"], list(cfg["head_layers"]), float(cfg["dropout"])
     if name.startswith("resnet"):
         net = getattr(torchvision.models, name)(weights=None)
