@@ -129,15 +129,18 @@ def train_fold(job: FoldJob, d: dist_mod.Dist, record: JobRecord, stain: Trainin
             record["resumed_from_epoch"] = record["checkpoint"]["resumed_from_epoch"] = progress.epochs_done
         wrapped = d.wrap_model(model)
         d.broadcast_state(model, optimizer)
-        tracker = tracking.start(job, d, progress, loader, identity)
-        trainer = Trainer(
-            wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler, on_step=tracker.step
-        )
     with record.timed("prepare_test"):
         val_set = (
             PatchSet(job.index, job.patients["val"], tc["max_patches"], job.derive("val-set"))
             if job.patients["val"]
             else None
+        )
+    with record.timed("prepare_train"):
+        # Only now, with every shard of the job checked (the PatchSets above), does the job touch its run
+        # directory: the tracker rewrites or removes earlier event files, which a failed job must leave as they are.
+        tracker = tracking.start(job, d, progress, loader, identity)
+        trainer = Trainer(
+            wrapped, optimizer, nn.CrossEntropyLoss(), d, tc, peak_lr, base_lr, scaler, on_step=tracker.step
         )
 
     eval_batch = max(2 * int(tc["batch_size"]), 64)
