@@ -11,6 +11,7 @@ white/dark frames and a PNG ground truth. Each modality gets a CSV manifest, lik
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import multiprocessing
@@ -114,7 +115,7 @@ def _write_slide(seed: int, wsi_cfg: dict, entry: ImageEntry) -> None:
 def write_cohort(cfg: dict, only: str | None = None, workers: int = 1) -> dict[str, float]:
     """Write the whole demo cohort. Existing identical files are simply rewritten (deterministic).
 
-    Each slide has its own random stream, so ``workers`` processes write the same files as one."""
+    Each slide has its own random stream, so ``workers`` processes (one when ≤ 1) write the same files as one."""
     seed, out = cfg["seed"], Path(cfg["synth"]["out"])
     entries = plan(cfg)
     timings = {}
@@ -123,7 +124,7 @@ def write_cohort(cfg: dict, only: str | None = None, workers: int = 1) -> dict[s
         wc = cfg["synth"]["wsi"]
         if workers > 1:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                list(pool.map(_write_slide, [seed] * len(entries["wsi"]), [wc] * len(entries["wsi"]), entries["wsi"]))
+                list(pool.map(functools.partial(_write_slide, seed, wc), entries["wsi"]))
         else:
             for e in entries["wsi"]:
                 _write_slide(seed, wc, e)
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     if "synth" not in cfg:
         raise InputError(args.config, "no 'synth' section: the demo cohort is not configured")
-    timings = write_cohort(cfg, args.only, max(1, args.workers))
+    timings = write_cohort(cfg, args.only, args.workers)
     counts = {k: len(v) for k, v in plan(cfg).items()}
     print(
         f"synth: wrote {counts} images to {cfg['synth']['out']} in "
