@@ -6,7 +6,8 @@
 #   - a virtualenv with torch/torchvision, medflow and its dependencies;
 #   - Horovod 0.28.1 built from source against that torch (PyTorch + MPI + Gloo).
 # Usage: containers/install.sh [VENV_DIR]   (default: .venv)
-# MEDFLOW_VENV_CACHE=dir: keep the built venv in dir/<hash of the dependency spec> and link it.
+# MEDFLOW_VENV_CACHE=dir: keep the built venv in dir/<hash of the dependency spec> and link it;
+#   the cache holds the MEDFLOW_VENV_CACHE_KEEP (default 2) most recently used venvs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$here/.venv}
@@ -30,8 +31,34 @@ if ((${#missing[@]})); then
   fi
 fi
 
-# The dependency spec: anything that changes what gets installed changes this hash.
-spec_hash=$(cat "$here/containers/install.sh" "$here/pyproject.toml" "$here/containers/constraints.txt" | sha256sum | cut -c1-16)
+# The dependency spec: anything that changes what gets installed changes this hash; tool settings in
+# pyproject.toml ([tool.*]: ruff, mypy, pytest) do not, so changing them does not rebuild a 6 GB venv.
+spec_hash=$({
+  cat "$here/containers/install.sh" "$here/containers/constraints.txt"
+  awk '/^\[/ { keep = ($0 ~ /^\[(build-system|project)/) } keep' "$here/pyproject.toml"
+} | sha256sum | cut -c1-16)
+
+# The cache keeps the MEDFLOW_VENV_CACHE_KEEP (default 2) most recently used venvs, the one in use
+# ($1) included, so a machine that installs many versions (a CI runner) does not fill its disk.
+prune_cache() {
+  local keep=${MEDFLOW_VENV_CACHE_KEEP:-2} kept=1 marker dir
+  # Newest first by the marker's mtime, which every reuse touches.
+  for marker in $(ls -1t "$MEDFLOW_VENV_CACHE"/venv-*/.medflow-complete 2>/dev/null); do
+    dir=$(dirname "$marker")
+    [ "$dir" = "$1" ] && continue
+    if ((kept < keep)); then kept=$((kept + 1)); continue; fi
+    echo "[install] removing the least recently used cached venv $dir"
+    rm -rf "$dir"
+  done
+  # A build killed half-way leaves a venv without the marker; one untouched for 6 hours is not in progress.
+  for dir in "$MEDFLOW_VENV_CACHE"/venv-*; do
+    if [ "$dir" != "$1" ] && [ ! -e "$dir/.medflow-complete" ] && [ -n "$(find "$dir" -maxdepth 0 -mmin +360)" ]; then
+      echo "[install] removing an unfinished cached venv $dir"
+      rm -rf "$dir"
+    fi
+  done
+}
+
 if [ -n "${MEDFLOW_VENV_CACHE:-}" ]; then
   target=$MEDFLOW_VENV_CACHE/venv-$spec_hash
   if [ -x "$target/bin/python" ] && [ -f "$target/.medflow-complete" ]; then
@@ -39,9 +66,11 @@ if [ -n "${MEDFLOW_VENV_CACHE:-}" ]; then
     ln -sfn "$target" "$venv"
     "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
     touch "$target/.medflow-complete"
+    prune_cache "$target"
     exit 0
   fi
   rm -rf "$target"; mkdir -p "$MEDFLOW_VENV_CACHE"
+  prune_cache "$target"  # before building: room for the new one
   ln -sfn "$target" "$venv"
   venv=$target
 fi

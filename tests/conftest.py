@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,16 @@ def fault_env(**faults: str) -> dict[str, str]:
     """Environment that injects ``faults`` (see tests/faults/sitecustomize.py) into medflow commands."""
     path = os.pathsep.join([str(FAULTS), str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     return {"PYTHONPATH": path, **faults}
+
+
+@contextlib.contextmanager
+def removed_unless_failed(request: pytest.FixtureRequest, path: Path) -> Iterator[Path]:
+    """Yield ``path`` and remove it at teardown unless a test failed meanwhile: what
+    tmp_path_retention_policy = "failed" does for tmp_path, for module fixtures holding a whole workflow run (GB)."""
+    failures = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failures:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -20,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, VENV_BIN
+from conftest import ROOT, VENV_BIN, removed_unless_failed
 
 pytestmark = [pytest.mark.slow]
 
@@ -76,13 +77,14 @@ def medflow(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
+def finished(tmp_path_factory, request) -> Iterator[Path]:
     """A complete run of the small WSI study; tests work on copies of it."""
     work = tmp_path_factory.mktemp("trust")
     (work / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     proc = snakemake(work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return work
+    with removed_unless_failed(request, work):
+        yield work
 
 
 def copy_of(finished: Path, tmp_path: Path) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, VENV_BIN
+from conftest import ROOT, VENV_BIN, removed_unless_failed
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -40,14 +40,15 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, request):
     work = tmp_path_factory.mktemp("wf")
     t0 = time.perf_counter()
     proc = snakemake(work)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     print(f"workflow wall time: {elapsed:.0f} s")
-    return work, work / "results" / "laptop"
+    with removed_unless_failed(request, work):
+        yield work, work / "results" / "laptop"
 
 
 def read_json(path: Path) -> dict:
