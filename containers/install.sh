@@ -52,7 +52,7 @@ prune_cache() {
   done
   # A build killed half-way leaves a venv without the marker; one untouched for 6 hours is not in progress.
   for dir in "$MEDFLOW_VENV_CACHE"/venv-*; do
-    if [ "$dir" != "$1" ] && [ ! -e "$dir/.medflow-complete" ] && [ -n "$(find "$dir" -maxdepth 0 -mmin +360)" ]; then
+    if [ -d "$dir" ] && [ "$dir" != "$1" ] && [ ! -e "$dir/.medflow-complete" ] && [ -n "$(find "$dir" -maxdepth 0 -mmin +360)" ]; then
       echo "[install] removing an unfinished cached venv $dir"
       rm -rf "$dir"
     fi
