@@ -42,14 +42,15 @@ spec_hash=$({
 # ($1) included, so a machine that installs many versions (a CI runner) does not fill its disk.
 prune_cache() {
   local keep=${MEDFLOW_VENV_CACHE_KEEP:-2} kept=1 marker dir
-  # Newest first by the marker's mtime, which every reuse touches.
-  for marker in $(ls -1t "$MEDFLOW_VENV_CACHE"/venv-*/.medflow-complete 2>/dev/null); do
-    dir=$(dirname "$marker")
+  # Newest first by the marker's mtime, which every reuse touches; one path per line, so a cache
+  # directory whose name has spaces is not split into other paths to remove.
+  while IFS= read -r marker; do
+    dir=${marker%/.medflow-complete}
     [ "$dir" = "$1" ] && continue
     if ((kept < keep)); then kept=$((kept + 1)); continue; fi
     echo "[install] removing the least recently used cached venv $dir"
     rm -rf "$dir"
-  done
+  done < <(ls -1t "$MEDFLOW_VENV_CACHE"/venv-*/.medflow-complete 2>/dev/null)
   # A build killed half-way leaves a venv without the marker; one untouched for 6 hours is not in progress.
   for dir in "$MEDFLOW_VENV_CACHE"/venv-*; do
     if [ -d "$dir" ] && [ "$dir" != "$1" ] && [ ! -e "$dir/.medflow-complete" ] && [ -n "$(find "$dir" -maxdepth 0 -mmin +360)" ]; then
