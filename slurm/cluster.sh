@@ -9,7 +9,9 @@
 #       --name NAME     ClusterName (default: medflowtest)
 #       --nodes N       N nodes, each in its own network/UTS/mount namespace on a host bridge
 #       --share PATH    (with --nodes; repeatable) bind this host /tmp path into every node's private
-#                       /tmp (made if missing); DIR is always shared; paths outside /tmp are shared anyway
+#                       /tmp (made if missing); DIR and this checkout (with the venv its .venv links to)
+#                       are always shared, so jobs find medflow wherever it was cloned; paths outside
+#                       /tmp are shared anyway
 #       --no-dns        (with --nodes) node names resolve nowhere; SLURM still works through NodeAddr
 #   slurm/cluster.sh env DIR                       print `export ...` lines to use it
 #   slurm/cluster.sh status DIR                    sinfo + squeue (+ the nodes' addresses)
@@ -356,9 +358,13 @@ write_node_files() {  # write_node_files DIR: the nodes' /etc/hosts, resolv.conf
   # server is unreachable from a node and would make every unknown name wait for its timeout.
   printf '# resolv.conf of the nodes of the throw-away cluster in %s: names come from /etc/hosts only\noptions attempts:1 timeout:1\n' \
     "$dir" >"$dir/etc/resolv.conf"
-  # Paths under /tmp to bind back into the nodes' private /tmp: DIR and every --share (made if
-  # missing, so a test can share its base directory before creating its working directories).
-  for path in "$dir" "$@"; do
+  # Paths under /tmp to bind back into the nodes' private /tmp: DIR, this checkout and its venv (the
+  # jobs run medflow from them) and every --share (made if missing, so a test can share its base
+  # directory before creating its working directories).
+  local checkout venv=()
+  checkout=$(dirname "$(dirname "$SELF")")
+  [ ! -e "$checkout/.venv" ] || venv=("$(readlink -f "$checkout/.venv")")
+  for path in "$dir" "$checkout" ${venv[@]+"${venv[@]}"} "$@"; do
     mkdir -p "$path"
     path=$(readlink -f "$path")
     [ "$path" != /tmp ] || die "--share /tmp would give the nodes one /tmp again (PMIx needs a private one)"
